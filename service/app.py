@@ -1,0 +1,123 @@
+"""The Celery application of workers and beat, configured from the environment.
+
+Everything that keeps messages from being lost or looped is set here; the
+design notes explain each choice. Workers are started with
+``python -m service worker`` (or ``celery -A service.app worker``) and consume
+the work queues of ``service.queues`` only: dead-letter and wait queues are not
+in ``task_queues``, so no worker ever consumes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init
+from kombu import Exchange
+from kombu import Queue as KombuQueue
+
+from service import queues
+from service.errors import BrokerUnavailable, TopologyConflict
+from service.settings import load
+
+logger = logging.getLogger(__name__)
+
+#: The kit's own task modules; KIT_TASK_MODULES adds more.
+TASK_MODULES = (
+    "service.tasks.emails",
+    "service.tasks.reports",
+    "service.tasks.webhooks",
+    "service.tasks.maintenance",
+)
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:
+    """Celery router that applies ``queues.TASK_ROUTES`` (shared with the client)."""
+    return {"queue": queues.queue_for_task(name)}
+
+
+def make_app() -> Celery:
+    """Build the Celery app from the current environment."""
+    settings = load()
+    task_exchange = Exchange(queues.TASK_EXCHANGE, type="direct", durable=True)
+    app = Celery("service", task_cls="service.worker.task:ReliableTask")
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.connect_timeout,
+        broker_transport_options={"confirm_publish": True},
+        task_queues=[
+            KombuQueue(
+                q.name,
+                task_exchange,
+                routing_key=q.binding_key,
+                queue_arguments=dict(q.arguments),
+                durable=True,
+            )
+            for q in queues.WORK_QUEUES
+        ],
+        task_default_queue=queues.DEFAULT_QUEUE,
+        task_default_exchange=queues.TASK_EXCHANGE,
+        task_default_exchange_type="direct",
+        task_default_routing_key=queues.DEFAULT_QUEUE,
+        task_routes=(route_task,),
+        task_create_missing_queues=False,
+        task_queue_max_priority=queues.MAX_PRIORITY,
+        task_default_priority=queues.PRIORITIES[queues.DEFAULT_PRIORITY],
+        # Delivery guarantees: ack after the run, one message per process at a
+        # time (so priorities hold), failures handled by ReliableRequest.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_consumer="service.worker.consumer:ReliableConsumer",
+        task_time_limit=settings.hard_time_limit,
+        task_soft_time_limit=settings.soft_time_limit,
+        # JSON only, everywhere: pickle is refused.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        # Task events feed celery-exporter and Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=True,
+        worker_log_color=False,
+        imports=TASK_MODULES + settings.task_modules,
+        enable_utc=True,
+        beat_schedule_filename=str(settings.state_dir / "celerybeat-schedule"),
+        beat_schedule={
+            "maintenance.cleanup_reports": {
+                "task": "maintenance.cleanup_reports",
+                "schedule": settings.cleanup_interval,
+                "options": {"priority": queues.PRIORITIES["low"]},
+            },
+        },
+    )
+    return app
+
+
+app = make_app()
+
+
+@worker_init.connect
+def _declare_topology(**_: Any) -> None:
+    """Declare the whole topology before consuming, so dead letters have somewhere to go."""
+    from service.topology import connect, declare
+
+    try:
+        conn = connect(load())
+    except BrokerUnavailable as exc:
+        logger.warning("topology not declared at start (%s); it will be on first dead letter", exc)
+        return
+    try:
+        declare(conn)
+    except TopologyConflict as exc:
+        logger.critical("%s", exc)
+        raise SystemExit(2) from None
+    finally:
+        conn.release()

@@ -1,0 +1,223 @@
+"""The thin publishing client: what a web app imports to enqueue work.
+
+It publishes ordinary Celery (protocol 2) task messages by task name, so the
+web app never imports task code, and Celery workers run them unchanged. Each
+publish is persistent, mandatory and confirmed by the broker before it returns.
+Input is checked before anything is sent::
+
+    from service.client import publish
+    task_id = publish("emails.send", kwargs={"to": "a@example.com", ...}, priority="high")
+
+For many messages keep a ``Publisher`` and use ``publish_many``, which waits for
+the broker's confirms a window at a time instead of one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from reprlib import Repr
+from typing import Any
+
+from service import queues
+from service.errors import InvalidTaskInput
+from service.publishing import ConfirmedChannel, Outgoing
+from service.settings import Settings, load
+
+__all__ = ["Publisher", "TaskRequest", "publish", "build_message"]
+
+_REPR = Repr()
+_REPR.maxstring = 100
+_REPR.maxother = 100
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+@dataclass
+class TaskRequest:
+    """One task to publish, as given to ``Publisher.publish_many``."""
+
+    name: str
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] | None = None
+    priority: str | int = queues.DEFAULT_PRIORITY
+    queue: str | None = None
+    countdown: float | None = None
+    task_id: str | None = None
+    extra_headers: dict[str, Any] = field(default_factory=dict)
+
+
+def build_message(request: TaskRequest, max_payload_bytes: int) -> tuple[str, Outgoing]:
+    """Validate a TaskRequest and turn it into a Celery protocol-2 message.
+
+    Returns (task id, message). Raises InvalidTaskInput, saying what was wrong,
+    before anything is sent.
+    """
+    name = request.name
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidTaskInput(f"task name must be a non-empty string, got {name!r}")
+    try:
+        queue = queues.work_queue(request.queue or queues.queue_for_task(name)).name
+        priority = queues.resolve_priority(request.priority)
+    except ValueError as exc:
+        raise InvalidTaskInput(str(exc)) from None
+    args = request.args
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise InvalidTaskInput(f"args must be a list or tuple, got {type(args).__name__}")
+    kwargs = {} if request.kwargs is None else request.kwargs
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidTaskInput("kwargs must be a mapping with string keys")
+    task_id = request.task_id or str(uuid.uuid4())
+    if not isinstance(task_id, str) or not task_id:
+        raise InvalidTaskInput(f"task_id must be a non-empty string, got {task_id!r}")
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    try:
+        body = json.dumps([list(args), dict(kwargs), embed], allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidTaskInput(
+            f"arguments of {name} are not JSON-serializable ({exc}); pass plain "
+            "strings, numbers, lists and dicts (ISO strings for dates, ids for objects)"
+        ) from None
+    payload = body.encode()
+    if len(payload) > max_payload_bytes:
+        raise InvalidTaskInput(
+            f"the arguments of {name} encode to {len(payload)} bytes, over the limit of "
+            f"{max_payload_bytes} (KIT_MAX_PAYLOAD_BYTES); store the data elsewhere and "
+            "pass a reference (a path, a URL or an id)"
+        )
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": _REPR.repr(list(args)),
+        "kwargsrepr": _REPR.repr(dict(kwargs)),
+        "origin": _ORIGIN,
+        "ignore_result": False,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    headers.update(request.extra_headers)
+    properties = {
+        "content_type": "application/json",
+        "content_encoding": "utf-8",
+        "delivery_mode": 2,
+        "priority": priority,
+        "correlation_id": task_id,
+        "reply_to": "",
+    }
+    exchange = queues.TASK_EXCHANGE
+    countdown = request.countdown
+    if countdown is not None:
+        if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or countdown < 0:
+            raise InvalidTaskInput(f"countdown must be a number of seconds >= 0, got {countdown!r}")
+        if countdown > 0:
+            try:
+                tier = queues.wait_tier_for(countdown)
+            except ValueError as exc:
+                raise InvalidTaskInput(str(exc)) from None
+            # Held by the broker in a wait queue, not as an ETA in a worker's memory.
+            exchange = queues.RETRY_EXCHANGE
+            headers[queues.WAIT_HEADER] = queues.wait_tier_name(tier)
+            properties["expiration"] = str(int(countdown * 1000))
+    return task_id, Outgoing(exchange, queue, payload, headers, properties)
+
+
+class Publisher:
+    """A reusable, thread-safe publisher holding one broker connection.
+
+    The connection opens on first use and is reopened after it drops. Close it
+    with ``close()`` or use the publisher as a context manager.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings or load()
+        self._channel = ConfirmedChannel(self._settings)
+
+    def publish(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        priority: str | int = queues.DEFAULT_PRIORITY,
+        queue: str | None = None,
+        countdown: float | None = None,
+        task_id: str | None = None,
+    ) -> str:
+        """Publish one task and return its id once the broker confirmed it.
+
+        Raises InvalidTaskInput (nothing sent), BrokerUnavailable or PublishError.
+        """
+        request = TaskRequest(name, args, kwargs, priority, queue, countdown, task_id)
+        task_id, message = build_message(request, self._settings.max_payload_bytes)
+        self._channel.publish(message)
+        return task_id
+
+    def publish_many(self, requests: Iterable[TaskRequest], *, window: int = 256) -> list[str]:
+        """Publish many tasks; returns their ids once all are confirmed.
+
+        Every request is validated before the first is sent, so bad input sends
+        nothing. A broken connection re-sends the unconfirmed window.
+        """
+        built = [build_message(r, self._settings.max_payload_bytes) for r in requests]
+        self._channel.publish_many((m for _, m in built), window=window)
+        return [task_id for task_id, _ in built]
+
+    def close(self) -> None:
+        """Close the broker connection."""
+        self._channel.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_default: Publisher | None = None
+_default_pid = 0
+_default_lock = threading.Lock()
+
+
+def _publisher() -> Publisher:
+    global _default, _default_pid
+    with _default_lock:
+        # A connection must not be shared across fork (gunicorn, uwsgi workers).
+        if _default is None or _default_pid != os.getpid():
+            _default, _default_pid = Publisher(), os.getpid()
+        return _default
+
+
+def publish(
+    name: str,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    priority: str | int = queues.DEFAULT_PRIORITY,
+    queue: str | None = None,
+    countdown: float | None = None,
+    task_id: str | None = None,
+) -> str:
+    """Publish the task ``name`` and return its id once the broker confirmed it.
+
+    Uses a per-process Publisher configured from the environment. ``priority``
+    is one of low, normal, high, critical; ``queue`` defaults to the task's route
+    in service.queues; ``countdown`` delays it in the broker's wait queues.
+    """
+    return _publisher().publish(
+        name, args, kwargs, priority=priority, queue=queue, countdown=countdown, task_id=task_id
+    )

@@ -1,0 +1,228 @@
+"""Confirmed, mandatory publishing over one reused connection.
+
+``ConfirmedChannel`` is what both the thin client and the worker use to put a
+message on the broker. A ``publish`` returns only once RabbitMQ confirmed the
+message; an unroutable message (no queue bound) is returned by the broker and
+raises PublishError instead of vanishing. A dropped connection is reopened
+within the publish deadline; a message whose confirm never arrived is sent
+again, so a publish is at-least-once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import amqp
+from kombu import Connection
+
+from service.errors import BrokerUnavailable, PublishError
+from service.settings import Settings, redact_url
+
+# Failures after which the connection is thrown away and opened again.
+_CONNECTION_ERRORS = (
+    OSError,  # includes socket.timeout, ConnectionError
+    amqp.exceptions.ConnectionError,
+    amqp.exceptions.RecoverableConnectionError,
+    amqp.exceptions.ChannelError,
+    amqp.exceptions.IrrecoverableChannelError,
+)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish: body and properties as AMQP wants them."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+
+
+class ConfirmedChannel:
+    """A connection plus a channel in confirm mode, reopened when it breaks.
+
+    Thread-safe: publishes are serialised by a lock. Not fork-safe by itself:
+    the client keeps one per process.
+    """
+
+    def __init__(self, settings: Settings, *, deadline_s: float | None = None) -> None:
+        self._settings = settings
+        self._deadline_s = deadline_s if deadline_s is not None else settings.publish_timeout
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._channel: amqp.Channel | None = None
+        self._returned: list[tuple[int, str, str, str]] = []
+        self._next_tag = 1
+
+    # -- connection management -------------------------------------------------
+
+    def _open(self, remaining: float) -> amqp.Channel:
+        if self._channel is not None:
+            return self._channel
+        conn = Connection(
+            self._settings.broker_url,
+            connect_timeout=min(self._settings.connect_timeout, max(remaining, 0.1)),
+            heartbeat=0,
+        )
+        conn.connect()
+        channel = conn.channel()
+        channel.confirm_select()
+        channel.events["basic_return"].add(self._on_return)
+        self._conn, self._channel = conn, channel
+        self._next_tag = 1  # RabbitMQ numbers confirms per channel from 1
+        return channel
+
+    def _on_return(self, exc, exchange, routing_key, message) -> None:
+        self._returned.append(
+            (getattr(exc, "reply_code", 312), getattr(exc, "reply_text", str(exc)), exchange, routing_key)
+        )
+
+    def _drop(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.collect()
+            except Exception:  # noqa: BLE001 - the socket may be gone already
+                pass
+
+    def close(self) -> None:
+        """Close the connection; the next publish opens a new one."""
+        with self._lock:
+            conn, self._conn, self._channel = self._conn, None, None
+            if conn is not None:
+                try:
+                    conn.release()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    # -- publishing --------------------------------------------------------------
+
+    def publish(self, message: Outgoing) -> None:
+        """Publish one message and wait for the broker's confirm.
+
+        Raises BrokerUnavailable when the broker cannot be reached or does not
+        confirm within the deadline, PublishError when it refuses the message.
+        """
+        self.publish_many((message,))
+
+    def publish_many(self, messages: Iterable[Outgoing], *, window: int = 256) -> int:
+        """Publish messages in windows, waiting for all confirms of each window.
+
+        Returns the number published. On a broken connection the unconfirmed
+        window is sent again on a new connection (at-least-once).
+        """
+        count = 0
+        batch: list[Outgoing] = []
+        with self._lock:
+            for message in messages:
+                batch.append(message)
+                if len(batch) >= window:
+                    self._publish_window(batch)
+                    count += len(batch)
+                    batch = []
+            if batch:
+                self._publish_window(batch)
+                count += len(batch)
+        return count
+
+    def _publish_window(self, batch: list[Outgoing]) -> None:
+        deadline = time.monotonic() + self._deadline_s
+        last_error: BaseException | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerUnavailable(
+                    f"the broker at {redact_url(self._settings.broker_url)} did not accept "
+                    f"{len(batch)} message(s) within {self._deadline_s:g}s: {last_error}. "
+                    "Nothing was confirmed; check that RabbitMQ runs and is not in a memory "
+                    "or disk alarm, then publish again."
+                ) from None
+            try:
+                channel = self._open(remaining)
+                self._send_and_confirm(channel, batch, remaining)
+                return
+            except PublishError:
+                raise
+            except amqp.exceptions.NotFound as exc:
+                self._drop()
+                raise PublishError(
+                    f"the broker has no such exchange ({exc}); run `python -m service topology declare`"
+                ) from None
+            except _CONNECTION_ERRORS as exc:
+                last_error = exc
+                self._drop()
+                # Back off a little so a broker that refuses connections is not hammered.
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+
+    def _send_and_confirm(self, channel: amqp.Channel, batch: list[Outgoing], timeout: float) -> None:
+        self._returned.clear()
+        if len(batch) == 1:
+            self._basic_publish(channel, batch[0], confirm_timeout=timeout)
+            self._next_tag += 1
+        else:
+            self._publish_window_and_wait(channel, batch, timeout)
+        if self._returned:
+            code, text, exchange, key = self._returned[0]
+            raise PublishError(
+                f"the broker could not route a message to exchange {exchange!r} with "
+                f"routing key {key!r} ({code} {text}): the queue does not exist. Run "
+                "`python -m service topology declare`."
+            )
+
+    def _publish_window_and_wait(self, channel: amqp.Channel, batch: list[Outgoing], timeout: float) -> None:
+        first_tag = self._next_tag
+        last_tag = first_tag + len(batch) - 1
+        confirmed: set[int] = set()
+        nacked: list[int] = []
+
+        def record(tag: int, multiple: bool, refused: bool) -> None:
+            tags = range(first_tag, tag + 1) if multiple else (tag,)
+            for t in tags:
+                if first_tag <= t <= last_tag and t not in confirmed:
+                    confirmed.add(t)
+                    if refused:
+                        nacked.append(t)
+
+        # py-amqp drains incoming frames inside basic_publish too, so confirms can
+        # arrive at any point: listen on the channel's events, not in one wait().
+        def on_ack(tag: int, multiple: bool) -> None:
+            record(tag, multiple, refused=False)
+
+        def on_nack(tag: int, multiple: bool) -> None:
+            record(tag, multiple, refused=True)
+
+        channel.events["basic_ack"].add(on_ack)
+        channel.events["basic_nack"].add(on_nack)
+        try:
+            for message in batch:
+                self._basic_publish(channel, message)
+                self._next_tag += 1
+            end = time.monotonic() + timeout
+            while len(confirmed) < len(batch):
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no confirm from the broker in time")
+                channel.connection.drain_events(timeout=left)
+        finally:
+            channel.events["basic_ack"].discard(on_ack)
+            channel.events["basic_nack"].discard(on_nack)
+        if nacked:
+            raise PublishError(
+                f"the broker refused (nack) {len(nacked)} of {len(batch)} messages; "
+                "it is likely out of resources. Those were not queued."
+            )
+
+    @staticmethod
+    def _basic_publish(channel: amqp.Channel, message: Outgoing, confirm_timeout: float | None = None) -> None:
+        msg = amqp.Message(message.body, application_headers=message.headers, **message.properties)
+        if confirm_timeout is None:
+            channel.basic_publish(msg, message.exchange, message.routing_key, mandatory=True)
+        else:
+            channel.basic_publish_confirm(
+                msg, message.exchange, message.routing_key, mandatory=True, confirm_timeout=confirm_timeout
+            )

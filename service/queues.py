@@ -1,0 +1,199 @@
+"""The broker topology: the one place that names every exchange and queue.
+
+Flow of a message::
+
+    publish --> TASK_EXCHANGE (direct, key = queue name) --> work queue
+    work queue --(worker: transient error)--> RETRY_EXCHANGE (headers, WAIT_HEADER)
+        --> wait queue for that delay (TTL) --expires--> TASK_EXCHANGE --> work queue
+    work queue --(worker: gives up, or broker rejects)--> DEAD_LETTER_EXCHANGE
+        (direct, key = queue name) --> the work queue's dead-letter queue
+
+Waiting for a retry happens in the broker, in the wait queues, never in a
+worker's memory. Nothing here talks to the broker: ``service.topology`` declares
+and verifies these definitions, Celery's configuration and the client read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+#: Direct exchange that every task is published to; the routing key is the queue name.
+TASK_EXCHANGE = "tasks"
+#: Headers exchange that routes a waiting message to the wait queue of its delay tier.
+RETRY_EXCHANGE = "tasks.retry"
+#: Direct exchange that dead letters go through; the routing key is the source queue.
+DEAD_LETTER_EXCHANGE = "tasks.dead"
+
+#: Header that selects the wait queue in RETRY_EXCHANGE (value: a tier name like "8s").
+WAIT_HEADER = "kit-wait"
+
+#: Named priorities the client exposes. RabbitMQ serves higher numbers first.
+#: A message published without a priority counts as 0 (as low as "low").
+PRIORITIES: MappingProxyType[str, int] = MappingProxyType(
+    {"low": 0, "normal": 1, "high": 2, "critical": 3}
+)
+#: x-max-priority of every work queue: a handful of levels, as RabbitMQ recommends.
+MAX_PRIORITY = max(PRIORITIES.values())
+DEFAULT_PRIORITY = "normal"
+
+#: Delay tiers of the wait queues, in seconds. A wait lasts between the delay
+#: asked for and the ceiling of the smallest tier that holds it.
+WAIT_TIERS_S: tuple[int, ...] = tuple(2**n for n in range(13))  # 1 s .. 4096 s (68 min)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A durable classic queue and the arguments it must be declared with."""
+
+    name: str
+    arguments: MappingProxyType[str, Any]
+    exchange: str
+    binding_key: str = ""
+    binding_arguments: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    kind: str = "work"  # work | dead | wait
+
+
+def _frozen(mapping: dict[str, Any]) -> MappingProxyType[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+def dead_letter_queue_name(work_queue: str) -> str:
+    """Name of the dead-letter queue that belongs to ``work_queue``."""
+    return f"{work_queue}.dead"
+
+
+def wait_tier_name(seconds: int) -> str:
+    """Name of a delay tier, used in the wait queue's name and WAIT_HEADER."""
+    return f"{seconds}s"
+
+
+def _work_queue(name: str) -> Queue:
+    return Queue(
+        name=name,
+        exchange=TASK_EXCHANGE,
+        binding_key=name,
+        arguments=_frozen(
+            {
+                "x-max-priority": MAX_PRIORITY,
+                # A message the broker rejects (or the worker gives up on without
+                # publishing its own dead letter) still reaches the DLQ.
+                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                "x-dead-letter-routing-key": name,
+            }
+        ),
+    )
+
+
+def _dead_letter_queue(work_queue: str) -> Queue:
+    return Queue(
+        name=dead_letter_queue_name(work_queue),
+        exchange=DEAD_LETTER_EXCHANGE,
+        binding_key=work_queue,
+        arguments=_frozen({}),
+        kind="dead",
+    )
+
+
+def _wait_queue(seconds: int) -> Queue:
+    tier = wait_tier_name(seconds)
+    return Queue(
+        name=f"{TASK_EXCHANGE}.wait.{tier}",
+        exchange=RETRY_EXCHANGE,
+        binding_arguments=_frozen({"x-match": "all", WAIT_HEADER: tier}),
+        arguments=_frozen(
+            {
+                "x-message-ttl": seconds * 1000,
+                # No x-dead-letter-routing-key: an expired message keeps the routing
+                # key it was published with, which is its work queue's name.
+                "x-dead-letter-exchange": TASK_EXCHANGE,
+            }
+        ),
+        kind="wait",
+    )
+
+
+#: Work queues, most urgent first. Workers consume these and nothing else.
+WORK_QUEUE_NAMES: tuple[str, ...] = ("urgent", "default", "bulk")
+DEFAULT_QUEUE = "default"
+
+WORK_QUEUES: tuple[Queue, ...] = tuple(_work_queue(n) for n in WORK_QUEUE_NAMES)
+DEAD_LETTER_QUEUES: tuple[Queue, ...] = tuple(_dead_letter_queue(n) for n in WORK_QUEUE_NAMES)
+WAIT_QUEUES: tuple[Queue, ...] = tuple(_wait_queue(s) for s in WAIT_TIERS_S)
+ALL_QUEUES: tuple[Queue, ...] = WORK_QUEUES + DEAD_LETTER_QUEUES + WAIT_QUEUES
+
+#: Exchange name -> AMQP exchange type.
+EXCHANGES: MappingProxyType[str, str] = MappingProxyType(
+    {TASK_EXCHANGE: "direct", RETRY_EXCHANGE: "headers", DEAD_LETTER_EXCHANGE: "direct"}
+)
+
+#: Which work queue a task goes to when the publisher names none. Keys are task
+#: names or prefixes ending in "*"; unlisted tasks go to DEFAULT_QUEUE.
+TASK_ROUTES: MappingProxyType[str, str] = MappingProxyType(
+    {
+        "emails.*": "urgent",
+        "webhooks.*": "default",
+        "reports.*": "bulk",
+        "maintenance.*": "bulk",
+    }
+)
+
+
+def queue_for_task(task_name: str) -> str:
+    """The work queue a task is routed to by TASK_ROUTES."""
+    if task_name in TASK_ROUTES:
+        return TASK_ROUTES[task_name]
+    for pattern, queue in TASK_ROUTES.items():
+        if pattern.endswith("*") and task_name.startswith(pattern[:-1]):
+            return queue
+    return DEFAULT_QUEUE
+
+
+def wait_tier_for(delay_s: float) -> int:
+    """The smallest wait tier that holds ``delay_s``.
+
+    Raises ValueError when the delay is longer than the longest tier.
+    """
+    for seconds in WAIT_TIERS_S:
+        if delay_s <= seconds:
+            return seconds
+    raise ValueError(
+        f"a delay of {delay_s:g}s is longer than the longest wait tier "
+        f"({WAIT_TIERS_S[-1]}s); schedule it with Celery beat instead"
+    )
+
+
+def resolve_priority(priority: str | int) -> int:
+    """Turn a priority name (or a number in range) into the AMQP priority.
+
+    Raises ValueError with the accepted values when it is neither.
+    """
+    if isinstance(priority, bool):
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    if isinstance(priority, int):
+        if 0 <= priority <= MAX_PRIORITY:
+            return priority
+        raise ValueError(
+            f"priority {priority} is out of range 0..{MAX_PRIORITY}; "
+            f"use one of {', '.join(PRIORITIES)}"
+        )
+    if isinstance(priority, str) and priority.lower() in PRIORITIES:
+        return PRIORITIES[priority.lower()]
+    raise ValueError(f"unknown priority {priority!r}; use one of {', '.join(PRIORITIES)}")
+
+
+def work_queue(name: str) -> Queue:
+    """The work queue called ``name``.
+
+    Raises ValueError listing the work queues when there is none by that name.
+    """
+    for queue in WORK_QUEUES:
+        if queue.name == name:
+            return queue
+    hint = ""
+    if any(q.name == name for q in ALL_QUEUES):
+        hint = " (dead-letter and wait queues are never published to or consumed directly)"
+    raise ValueError(
+        f"unknown work queue {name!r}{hint}; the work queues are {', '.join(WORK_QUEUE_NAMES)}"
+    )

@@ -1,0 +1,194 @@
+"""Configuration read from environment variables.
+
+Every setting has a safe default so a local broker works out of the box. The
+README's configuration table is generated from ``SETTINGS`` below, so the
+names, defaults and descriptions live in exactly one place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, default (as text) and meaning."""
+
+    name: str
+    default: str
+    description: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "KIT_BROKER_URL",
+        "pyamqp://guest:guest@127.0.0.1:5672//",
+        "Broker URL. Use the `pyamqp://` (or `amqps://`) scheme: plain `amqp://` "
+        "silently switches to librabbitmq where it is installed.",
+    ),
+    Setting("KIT_CONNECT_TIMEOUT", "5", "Seconds to wait for a TCP/AMQP connection to the broker."),
+    Setting(
+        "KIT_PUBLISH_TIMEOUT",
+        "10",
+        "Seconds a publish may take in all, reconnecting included, before it fails "
+        "with BrokerUnavailable.",
+    ),
+    Setting(
+        "KIT_MAX_PAYLOAD_BYTES",
+        "1048576",
+        "Largest encoded task body the client accepts. Pass a reference (a path or "
+        "an id) for bigger data.",
+    ),
+    Setting("KIT_SOFT_TIME_LIMIT", "300", "Seconds before SoftTimeLimitExceeded is raised inside a task."),
+    Setting(
+        "KIT_HARD_TIME_LIMIT",
+        "360",
+        "Seconds before the worker kills a task's process; the task is dead-lettered "
+        "with reason `time-limit`.",
+    ),
+    Setting("KIT_MAX_RETRIES", "5", "Default retries per task (a task may set its own `max_retries`)."),
+    Setting("KIT_RETRY_BACKOFF_BASE", "2", "Seconds of the first retry delay; each retry doubles it."),
+    Setting("KIT_RETRY_BACKOFF_MAX", "600", "Longest retry delay in seconds (capped by the longest wait tier)."),
+    Setting(
+        "KIT_MAX_WORKER_LOST",
+        "3",
+        "Deliveries whose worker process died (kill -9, os._exit, OOM) before a "
+        "message is dead-lettered as poison.",
+    ),
+    Setting("KIT_CONCURRENCY", "2", "Worker processes per `python -m service worker`."),
+    Setting("KIT_LOG_LEVEL", "INFO", "Log level of workers and beat."),
+    Setting(
+        "KIT_TASK_MODULES",
+        "",
+        "Extra comma-separated modules with tasks that workers import (the kit's "
+        "own `service.tasks.*` are always imported).",
+    ),
+    Setting("KIT_STATE_DIR", "var", "Directory for beat's schedule file, pid files and logs."),
+    Setting("KIT_SMTP_HOST", "127.0.0.1", "SMTP server for e-mail tasks."),
+    Setting("KIT_SMTP_PORT", "25", "SMTP port."),
+    Setting("KIT_SMTP_TIMEOUT", "10", "Seconds an SMTP conversation may take."),
+    Setting("KIT_MAIL_FROM", "noreply@localhost", "Envelope sender of e-mail tasks."),
+    Setting("KIT_REPORT_DIR", "var/reports", "Where report exports write their CSV files."),
+    Setting("KIT_REPORT_MAX_AGE_HOURS", "168", "The periodic clean-up deletes exports older than this."),
+    Setting("KIT_CLEANUP_INTERVAL", "3600", "Seconds between periodic clean-ups scheduled by beat."),
+    Setting("KIT_WEBHOOK_TIMEOUT", "10", "Seconds a webhook delivery may take."),
+    Setting(
+        "KIT_WEBHOOK_SECRET_FILE",
+        "",
+        "File holding the HMAC key used to sign webhook bodies (header "
+        "`X-Signature-SHA256`); unsigned when empty.",
+    ),
+)
+
+_DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def _raw(name: str) -> str:
+    return os.environ.get(name, _DEFAULTS[name]).strip()
+
+
+def _number(name: str, kind: type = float, minimum: float = 0) -> float:
+    raw = _raw(name)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r} is not a number; unset it to use the default "
+            f"({_DEFAULTS[name]}) or set a {kind.__name__}."
+        ) from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of the configuration, validated when it is read."""
+
+    broker_url: str
+    connect_timeout: float
+    publish_timeout: float
+    max_payload_bytes: int
+    soft_time_limit: float
+    hard_time_limit: float
+    max_retries: int
+    retry_backoff_base: float
+    retry_backoff_max: float
+    max_worker_lost: int
+    concurrency: int
+    log_level: str
+    task_modules: tuple[str, ...]
+    state_dir: Path
+    smtp_host: str
+    smtp_port: int
+    smtp_timeout: float
+    mail_from: str
+    report_dir: Path
+    report_max_age_hours: float
+    cleanup_interval: float
+    webhook_timeout: float
+    webhook_secret_file: str
+
+
+def load() -> Settings:
+    """Read and validate every setting from the environment.
+
+    Raises ConfigError naming the variable when a value is unusable.
+    """
+    url = _raw("KIT_BROKER_URL")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("pyamqp", "amqps", "amqp"):
+        raise ConfigError(
+            f"KIT_BROKER_URL={redact_url(url)!r} is not an AMQP URL; expected "
+            "pyamqp://user:password@host:5672/vhost."
+        )
+    soft = _number("KIT_SOFT_TIME_LIMIT", minimum=1)
+    hard = _number("KIT_HARD_TIME_LIMIT", minimum=1)
+    if hard <= soft:
+        raise ConfigError(
+            f"KIT_HARD_TIME_LIMIT ({hard:g}) must be greater than KIT_SOFT_TIME_LIMIT "
+            f"({soft:g}) so a task gets the chance to clean up."
+        )
+    modules = tuple(m.strip() for m in _raw("KIT_TASK_MODULES").split(",") if m.strip())
+    return Settings(
+        broker_url=url,
+        connect_timeout=_number("KIT_CONNECT_TIMEOUT", minimum=0.1),
+        publish_timeout=_number("KIT_PUBLISH_TIMEOUT", minimum=0.1),
+        max_payload_bytes=int(_number("KIT_MAX_PAYLOAD_BYTES", int, minimum=1)),
+        soft_time_limit=soft,
+        hard_time_limit=hard,
+        max_retries=int(_number("KIT_MAX_RETRIES", int)),
+        retry_backoff_base=_number("KIT_RETRY_BACKOFF_BASE", minimum=0.001),
+        retry_backoff_max=_number("KIT_RETRY_BACKOFF_MAX", minimum=1),
+        max_worker_lost=int(_number("KIT_MAX_WORKER_LOST", int, minimum=1)),
+        concurrency=int(_number("KIT_CONCURRENCY", int, minimum=1)),
+        log_level=_raw("KIT_LOG_LEVEL").upper(),
+        task_modules=modules,
+        state_dir=Path(_raw("KIT_STATE_DIR")),
+        smtp_host=_raw("KIT_SMTP_HOST"),
+        smtp_port=int(_number("KIT_SMTP_PORT", int, minimum=1)),
+        smtp_timeout=_number("KIT_SMTP_TIMEOUT", minimum=0.1),
+        mail_from=_raw("KIT_MAIL_FROM"),
+        report_dir=Path(_raw("KIT_REPORT_DIR")),
+        report_max_age_hours=_number("KIT_REPORT_MAX_AGE_HOURS"),
+        cleanup_interval=_number("KIT_CLEANUP_INTERVAL", minimum=1),
+        webhook_timeout=_number("KIT_WEBHOOK_TIMEOUT", minimum=0.1),
+        webhook_secret_file=_raw("KIT_WEBHOOK_SECRET_FILE"),
+    )
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL for messages and logs."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+

@@ -1,0 +1,133 @@
+"""Move a delivered message to a wait queue (retry) or to its dead-letter queue.
+
+Runs in the worker's main process, which holds the original message. The new
+message is published and confirmed BEFORE the caller acks the original, so a
+crash in between duplicates a message at worst and never loses one. Both
+functions return False instead of raising when the broker refused or could not
+be reached; the caller then rejects the original without requeue, which makes
+RabbitMQ itself dead-letter it through the work queue's x-dead-letter-exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from kombu.message import Message
+
+from service import headers as h
+from service import queues
+from service.errors import KitError
+from service.publishing import ConfirmedChannel, Outgoing
+from service.settings import Settings, load
+from service.topology import connect, declare
+
+logger = logging.getLogger(__name__)
+
+# AMQP properties carried over unchanged from the original message.
+_KEPT_PROPERTIES = (
+    "content_type", "content_encoding", "priority", "correlation_id", "reply_to",
+    "message_id", "timestamp", "type", "user_id", "app_id",
+)
+
+_channel: ConfirmedChannel | None = None
+_channel_pid = 0
+_lock = threading.Lock()
+
+
+def _publisher() -> ConfirmedChannel:
+    global _channel, _channel_pid
+    with _lock:
+        if _channel is None or _channel_pid != os.getpid():
+            settings = load()
+            _ensure_topology(settings)
+            _channel, _channel_pid = ConfirmedChannel(settings), os.getpid()
+        return _channel
+
+
+def _ensure_topology(settings: Settings) -> None:
+    """Declare the topology once per process, so the exchanges we publish to exist."""
+    conn = connect(settings)
+    try:
+        declare(conn)
+    finally:
+        conn.release()
+
+
+def source_queue(message: Message) -> str:
+    """The work queue a delivered message came from (its routing key)."""
+    key = (message.delivery_info or {}).get("routing_key") or ""
+    return key if key in queues.WORK_QUEUE_NAMES else queues.DEFAULT_QUEUE
+
+
+def _properties(message: Message) -> dict[str, Any]:
+    props = {k: v for k, v in (message.properties or {}).items() if k in _KEPT_PROPERTIES and v is not None}
+    props.setdefault("content_type", message.content_type)
+    props.setdefault("content_encoding", message.content_encoding)
+    props["delivery_mode"] = 2
+    return {k: v for k, v in props.items() if v is not None}
+
+
+def _send(outgoing: Outgoing, what: str) -> bool:
+    try:
+        _publisher().publish(outgoing)
+        return True
+    except KitError as exc:
+        logger.error("could not %s: %s", what, exc)
+    except Exception:  # noqa: BLE001 - never let a publish failure escape into the consumer loop
+        logger.exception("could not %s", what)
+    return False
+
+
+def dead_letter(message: Message, reason: str, failure: dict[str, Any], *, worker_lost: int = 0) -> bool:
+    """Publish ``message`` to its dead-letter queue with ``reason`` and failure headers.
+
+    ``failure`` holds the keyword arguments of ``headers.with_failure`` except the
+    source queue. Returns True once the broker confirmed the dead letter.
+    """
+    source = source_queue(message)
+    headers = h.with_failure(dict(message.headers or {}), source_queue=source, **failure)
+    headers.pop(queues.WAIT_HEADER, None)
+    if worker_lost:
+        headers[h.WORKER_LOST] = worker_lost
+    headers[h.REASON] = reason
+    headers[h.DEAD_LETTERED_AT] = h.utc_now_iso()
+    headers[h.WORKER] = socket.gethostname()
+    outgoing = Outgoing(queues.DEAD_LETTER_EXCHANGE, source, message.body, headers, _properties(message))
+    sent = _send(outgoing, f"dead-letter {headers.get('task')}[{headers.get('id')}]")
+    if sent:
+        logger.warning(
+            "dead-lettered %s[%s] from %s: %s (%s: %s)",
+            headers.get("task"), headers.get("id"), source, reason,
+            headers.get(h.EXCEPTION_TYPE), headers.get(h.EXCEPTION_MESSAGE),
+        )
+    return sent
+
+
+def schedule_retry(message: Message, delay_s: float, failure: dict[str, Any], *, worker_lost: int = 0) -> bool:
+    """Publish ``message`` to the wait queue that returns it to its work queue after ``delay_s``.
+
+    Increments Celery's ``retries`` header and keeps priority and body. Returns
+    True once the broker confirmed it.
+    """
+    source = source_queue(message)
+    headers = h.with_failure(dict(message.headers or {}), source_queue=source, **failure)
+    headers["retries"] = int(headers.get("retries") or 0) + 1
+    headers["eta"] = None
+    if worker_lost:
+        headers[h.WORKER_LOST] = worker_lost
+    tier = queues.wait_tier_for(delay_s)
+    headers[queues.WAIT_HEADER] = queues.wait_tier_name(tier)
+    props = _properties(message)
+    props["expiration"] = str(max(1, int(delay_s * 1000)))
+    outgoing = Outgoing(queues.RETRY_EXCHANGE, source, message.body, headers, props)
+    sent = _send(outgoing, f"schedule a retry of {headers.get('task')}[{headers.get('id')}]")
+    if sent:
+        logger.info(
+            "retry %d of %s[%s] in %.1fs after %s",
+            headers["retries"], headers.get("task"), headers.get("id"), delay_s, headers.get(h.EXCEPTION_TYPE),
+        )
+    return sent

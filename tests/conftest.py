@@ -1,0 +1,71 @@
+"""Fixtures: a fresh vhost per test, its environment, workers that stop themselves."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.settings import load
+from service.topology import connect, declare
+from tests.support import REPO, Vhost, Worker
+
+
+@pytest.fixture
+def vhost() -> Iterator[Vhost]:
+    """A fresh, empty vhost on the real broker, deleted after the test."""
+    v = Vhost()
+    yield v
+    v.delete()
+
+
+@pytest.fixture
+def kit_env(vhost: Vhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment of the test and its subprocesses, pointing into the test's vhost.
+
+    Retries are fast (backoff base 0.2 s) so retry paths finish in seconds.
+    """
+    values = {
+        "KIT_BROKER_URL": vhost.url,
+        "KIT_TASK_MODULES": "tests.worker_tasks",
+        "KIT_TEST_OUTPUT_DIR": str(tmp_path),
+        "KIT_STATE_DIR": str(tmp_path / "state"),
+        "KIT_REPORT_DIR": str(tmp_path / "reports"),
+        "KIT_RETRY_BACKOFF_BASE": "0.2",
+        "KIT_RETRY_BACKOFF_MAX": "1",
+        "KIT_MAX_RETRIES": "3",
+        "KIT_PUBLISH_TIMEOUT": "5",
+        "KIT_CONNECT_TIMEOUT": "2",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture
+def topology(kit_env: dict[str, str]) -> None:
+    """The kit's topology declared in the test's vhost."""
+    conn = connect(load())
+    try:
+        declare(conn)
+    finally:
+        conn.release()
+
+
+@pytest.fixture
+def start_worker(kit_env: dict[str, str], vhost: Vhost, topology: None) -> Iterator:
+    """Start real worker processes; all are stopped when the test ends."""
+    started: list[Worker] = []
+
+    def start(**kwargs) -> Worker:
+        worker = Worker(kit_env, **kwargs)
+        started.append(worker)
+        return worker.wait_ready(vhost)
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -1,0 +1,182 @@
+"""Helpers for tests on a real RabbitMQ: vhosts, worker processes, waiting.
+
+Each test gets its own vhost (created through the management API), so tests
+never see each other's messages and the suite can run twice in a row.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import amqp
+
+REPO = Path(__file__).resolve().parents[1]
+AMQP_HOST = os.environ.get("KIT_TEST_AMQP_HOST", "127.0.0.1")
+AMQP_PORT = int(os.environ.get("KIT_TEST_AMQP_PORT", "5672"))
+MANAGEMENT_URL = os.environ.get("KIT_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672")
+ADMIN_USER = os.environ.get("KIT_TEST_ADMIN_USER", "guest")
+ADMIN_PASSWORD = os.environ.get("KIT_TEST_ADMIN_PASSWORD", "guest")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def management(method: str, path: str, body: Any = None) -> Any:
+    """Call RabbitMQ's management HTTP API as the admin user."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(MANAGEMENT_URL + path, data=data, method=method)
+    token = base64.b64encode(f"{ADMIN_USER}:{ADMIN_PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        payload = response.read()
+    return json.loads(payload) if payload else None
+
+
+class Vhost:
+    """A fresh vhost on the test broker, with the admin user allowed everything."""
+
+    def __init__(self) -> None:
+        self.name = f"kit-test-{uuid.uuid4().hex[:10]}"
+        quoted = urllib.request.quote(self.name, safe="")
+        management("PUT", f"/api/vhosts/{quoted}")
+        management("PUT", f"/api/permissions/{quoted}/{ADMIN_USER}", {"configure": ".*", "write": ".*", "read": ".*"})
+        self.url = f"pyamqp://{ADMIN_USER}:{ADMIN_PASSWORD}@{AMQP_HOST}:{AMQP_PORT}/{self.name}"
+
+    def delete(self) -> None:
+        """Remove the vhost and everything in it."""
+        try:
+            management("DELETE", f"/api/vhosts/{urllib.request.quote(self.name, safe='')}")
+        except urllib.error.URLError:
+            pass
+
+    def connection(self) -> amqp.Connection:
+        """A raw py-amqp connection into this vhost."""
+        conn = amqp.Connection(
+            f"{AMQP_HOST}:{AMQP_PORT}", userid=ADMIN_USER, password=ADMIN_PASSWORD, virtual_host=self.name
+        )
+        conn.connect()
+        return conn
+
+    def counts(self, queue: str) -> tuple[int, int]:
+        """(messages ready, consumers) of a queue, via a passive declare."""
+        conn = self.connection()
+        try:
+            _, messages, consumers = conn.channel().queue_declare(queue, passive=True)
+            return messages, consumers
+        finally:
+            conn.close()
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in a queue."""
+        return self.counts(queue)[0]
+
+    def depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Messages ready in each of several queues, over one connection."""
+        conn = self.connection()
+        try:
+            channel = conn.channel()
+            return {q: channel.queue_declare(q, passive=True)[1] for q in queues}
+        finally:
+            conn.close()
+
+    def drain(self, queue: str) -> list[amqp.Message]:
+        """Take every ready message out of a queue (acked)."""
+        conn = self.connection()
+        try:
+            channel = conn.channel()
+            messages = []
+            while (message := channel.basic_get(queue, no_ack=True)) is not None:
+                messages.append(message)
+            return messages
+        finally:
+            conn.close()
+
+
+class Worker:
+    """A real ``celery worker`` process of the kit, in its own process group."""
+
+    def __init__(self, env: dict[str, str], queues: Sequence[str] = ("urgent", "default", "bulk"),
+                 concurrency: int = 2, extra_args: Sequence[str] = ()) -> None:
+        self.env = env
+        self.queues = list(queues)
+        self.name = f"w{uuid.uuid4().hex[:6]}@%h"
+        self.log_path = Path(env["KIT_TEST_OUTPUT_DIR"]) / f"worker-{uuid.uuid4().hex[:6]}.log"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "service.app", "worker",
+            "-Q", ",".join(self.queues), "-c", str(concurrency), "-n", self.name,
+            "--without-gossip", "--without-mingle", "-l", "INFO", *extra_args,
+        ]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, vhost: Vhost, timeout: float = 30) -> Worker:
+        """Wait until the worker consumes all its queues."""
+        def consuming() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return all(vhost.counts(q)[1] > 0 for q in self.queues)
+            except amqp.exceptions.NotFound:
+                return False
+        wait_until(consuming, timeout, "the worker to consume its queues", interval=0.2)
+        return self
+
+    def log(self) -> str:
+        """Everything the worker printed so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM (warm shutdown) and wait for the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self._wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the main process and its pool children."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._wait(30)
+
+    def _wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop the worker whatever its state (test teardown)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # cold shutdown: unacked messages return to the queue
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if not self._log.closed:
+            self._log.close()

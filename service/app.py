@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import beat_init, worker_init
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -121,3 +121,9 @@ def _declare_topology(**_: Any) -> None:
         raise SystemExit(2) from None
     finally:
         conn.release()
+
+
+@beat_init.connect
+def _make_state_dir(**_: Any) -> None:
+    """Beat keeps its schedule file in KIT_STATE_DIR: make sure the directory exists."""
+    load().state_dir.mkdir(parents=True, exist_ok=True)

@@ -200,3 +200,84 @@ def demo(count: int, rate: float, webhook_url: str) -> None:
             task_id = publisher.publish(name, kwargs=make(i), priority=priority)
             click.echo(f"{name:28} {priority:8} {task_id}")
             time.sleep(1 / rate)
+
+
+@main.group()
+def stack() -> None:
+    """Run the local stack without Docker: workers, beat and demo traffic."""
+
+
+@stack.command("up")
+@click.option("--demo", is_flag=True, help="Also publish a stream of mixed demo tasks.")
+@click.option("--demo-count", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--demo-rate", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@_friendly_errors
+def stack_up(demo: bool, demo_count: int, demo_rate: float) -> None:
+    """Start RabbitMQ if needed, declare the topology, start what is not running."""
+    import subprocess
+
+    from service import stack as local
+    from service.errors import BrokerUnavailable
+    from service.topology import connect, declare
+
+    settings = load()
+    try:
+        conn = connect(settings)
+    except BrokerUnavailable:
+        click.echo("broker not reachable: starting RabbitMQ with scripts/broker.sh")
+        subprocess.run(["bash", str(local.REPO / "scripts" / "broker.sh"), "start"], check=True)
+        conn = connect(settings)
+    try:
+        declare(conn)
+    finally:
+        conn.release()
+    for component in local.components(demo, demo_count, demo_rate):
+        pid, started = local.start(settings, component)
+        click.echo(f"{component.name:22} pid {pid:<7} {'started' if started else 'already running'}")
+    click.echo(f"logs in {settings.state_dir / 'log'}; RabbitMQ management: http://127.0.0.1:15672 (local only)")
+
+
+@stack.command("down")
+@_friendly_errors
+def stack_down() -> None:
+    """Stop (warm shutdown) the processes that `stack up` started. RabbitMQ keeps running."""
+    from service import stack as local
+
+    settings = load()
+    for component in local.components(demo=True):
+        stopped = local.stop(settings, component.name)
+        click.echo(f"{component.name:22} {'stopped' if stopped else 'not running'}")
+
+
+@stack.command("status")
+@_friendly_errors
+def stack_status() -> None:
+    """Show which processes run, whether the broker answers, and the queue depths."""
+    from service import stack as local
+    from service.topology import connect
+
+    settings = load()
+    unhealthy = 0
+    for component in local.components(demo=True):
+        pid = local.running_pid(settings, component.name)
+        if not pid and component.name == "demo":
+            click.echo(f"{component.name:22} not running")
+            continue
+        unhealthy += 0 if pid else 1
+        click.echo(f"{component.name:22} {'running, pid ' + str(pid) if pid else 'NOT RUNNING'}")
+    try:
+        conn = connect(settings)
+    except KitError as exc:
+        click.echo(f"broker                 UNREACHABLE: {exc}")
+        sys.exit(EXIT_DRIFT)
+    try:
+        channel = conn.channel()
+        for queue in queues.WORK_QUEUES + queues.DEAD_LETTER_QUEUES:
+            _, ready, consumers = channel.queue_declare(queue.name, passive=True)
+            click.echo(f"queue {queue.name:16} ready {ready:<7} consumers {consumers}")
+        waiting = sum(channel.queue_declare(q.name, passive=True)[1] for q in queues.WAIT_QUEUES)
+        click.echo(f"waiting for retry      {waiting}")
+    finally:
+        conn.release()
+    if unhealthy:
+        sys.exit(EXIT_DRIFT)

@@ -46,7 +46,10 @@ def make_app() -> Celery:
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.connect_timeout,
-        broker_transport_options={"confirm_publish": True},
+        # Workers publish retries and dead letters through their own confirmed
+        # channel (service.worker.routing); here confirms would only slow down the
+        # task events. Beat turns them on for its publishes (see _beat_setup).
+        broker_transport_options={},
         task_queues=[
             KombuQueue(
                 q.name,
@@ -124,6 +127,7 @@ def _declare_topology(**_: Any) -> None:
 
 
 @beat_init.connect
-def _make_state_dir(**_: Any) -> None:
-    """Beat keeps its schedule file in KIT_STATE_DIR: make sure the directory exists."""
+def _beat_setup(sender: Any = None, **_: Any) -> None:
+    """Beat publishes with publisher confirms; its schedule file lives in KIT_STATE_DIR."""
+    app.conf.broker_transport_options = {"confirm_publish": True}
     load().state_dir.mkdir(parents=True, exist_ok=True)

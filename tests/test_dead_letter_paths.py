@@ -46,6 +46,17 @@ def test_permanent_error_is_not_retried(vhost, kit_env, start_worker, tmp_path):
     assert sorted(recorded(tmp_path, "attempt")) == ["p1", "p2"]  # each ran exactly once
 
 
+def test_a_declared_exception_that_cannot_be_pickled_is_still_not_retried(vhost, kit_env, start_worker, tmp_path):
+    start_worker()
+    with Publisher() as p:
+        p.publish("test.unpicklable_permanent", ["u1"])
+    [dead] = _dead_letters(vhost)
+    assert dead.headers[h.REASON] == h.REASON_PERMANENT
+    assert dead.headers[h.EXCEPTION_TYPE] == "tests.worker_tasks.CardDeclined"
+    assert "card_declined: for u1" in dead.headers[h.EXCEPTION_MESSAGE]
+    assert recorded(tmp_path, "attempt") == ["u1"]
+
+
 def test_hard_time_limit_is_dead_lettered_not_requeued(vhost, kit_env, start_worker, tmp_path):
     worker = start_worker()
     with Publisher() as p:

@@ -104,3 +104,18 @@ def typed(self, a: int, b: int) -> int:
     """Takes exactly two arguments."""
     _record("done", f"{a}+{b}")
     return a + b
+
+
+class CardDeclined(Exception):
+    """An exception that cannot be unpickled (two required arguments)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+@app.task(name="test.unpicklable_permanent", bind=True, permanent_exceptions=(CardDeclined,))
+def unpicklable_permanent(self, marker: str) -> None:
+    """Fail with a declared non-retryable exception that Celery must wrap to pickle."""
+    _record("attempt", marker)
+    raise CardDeclined("card_declined", f"for {marker}")

@@ -20,6 +20,7 @@ from typing import Any
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery.exceptions import Ignore, Reject, Retry, Terminated, TimeLimitExceeded, WorkerLostError
 from celery.utils.saferepr import saferepr
+from celery.utils.serialization import UnpickleableExceptionWrapper
 from celery.worker import state
 from celery.worker.request import Request
 
@@ -33,6 +34,18 @@ logger = logging.getLogger(__name__)
 
 def _unwrap(exc: BaseException) -> BaseException:
     return exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
+
+
+def _was_unpicklable(exc: BaseException) -> bool:
+    return isinstance(exc, UnpickleableExceptionWrapper)
+
+
+def _type_name(exc: BaseException) -> str:
+    """The exception's class name, also when Celery wrapped it because it could not be pickled."""
+    if isinstance(exc, UnpickleableExceptionWrapper):
+        module = exc.exc_module
+        return exc.exc_cls_name if module == "builtins" else f"{module}.{exc.exc_cls_name}"
+    return h.exception_type_name(exc)
 
 
 class ReliableRequest(Request):
@@ -88,7 +101,12 @@ class ReliableRequest(Request):
         elif arguments_do_not_fit(self.task, exc, self.args, self.kwargs):
             permanent = h.REASON_INVALID_ARGUMENTS
         else:
-            permanent = None
+            # ReliableTask.__call__ turned every retryable exception into a Retry,
+            # so this one was judged final in the pool process. It is not judged
+            # again here: its class may not have survived pickling.
+            policy = self.task.retry_policy()
+            exhausted = int(getattr(self._context, "retries", 0) or 0) >= policy.max_retries
+            permanent = h.REASON_RETRIES_EXHAUSTED if exhausted else h.REASON_PERMANENT
         self._finish(exc, traceback=exc_info.traceback, permanent_reason=permanent)
         return None
 
@@ -114,8 +132,8 @@ class ReliableRequest(Request):
             permanent_reason=permanent_reason,
         )
         failure: dict[str, Any] = {
-            "exception_type": h.exception_type_name(exc),
-            "exception_message": str(exc),
+            "exception_type": _type_name(exc),
+            "exception_message": str(getattr(exc, "text", None) or exc) if _was_unpicklable(exc) else str(exc),
             "traceback": traceback or "",
             "attempts": retries + 1,
         }

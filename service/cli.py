@@ -192,7 +192,7 @@ def demo(count: int, rate: float, webhook_url: str) -> None:
         ("emails.send", lambda i: {"to": f"user{i}@example.com", "subject": "Demo", "body": "Hello"}),
         ("webhooks.deliver", lambda i: {"url": webhook_url, "payload": {"n": i}, "event": "demo"}),
     ]
-    weights = [60, 5, 5, 15, 15]
+    weights = [70, 5, 5, 10, 10]
     with Publisher() as publisher:
         for i in range(count):
             name, make = rng.choices(kinds, weights)[0]

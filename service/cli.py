@@ -45,6 +45,33 @@ def main() -> None:
     """
 
 
+def _register_subcommands() -> None:
+    from service.cli_dlq import dlq
+
+    main.add_command(dlq)
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print the table of variables and defaults (as in README.md).")
+@_friendly_errors
+def config(markdown: bool) -> None:
+    """Show the effective configuration (passwords hidden), or the documented defaults."""
+    from service.settings import SETTINGS, redact_url
+
+    if markdown:
+        click.echo("| Variable | Default | What it does |")
+        click.echo("|---|---|---|")
+        for s in SETTINGS:
+            default = f"`{s.default}`" if s.default else "(empty)"
+            click.echo(f"| `{s.name}` | {default} | {s.description} |")
+        return
+    load()  # validates every value
+    for s in SETTINGS:
+        value = os.environ.get(s.name, s.default)
+        shown = redact_url(value) if s.name == "KIT_BROKER_URL" else value
+        click.echo(f"{s.name}={shown}{'' if s.name in os.environ else '   (default)'}")
+
+
 @main.group()
 def topology() -> None:
     """Declare or verify the exchanges and queues of service/queues.py."""
@@ -281,3 +308,6 @@ def stack_status() -> None:
         conn.release()
     if unhealthy:
         sys.exit(EXIT_DRIFT)
+
+
+_register_subcommands()

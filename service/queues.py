@@ -64,6 +64,11 @@ def dead_letter_queue_name(work_queue: str) -> str:
     return f"{work_queue}.dead"
 
 
+def lock_queue_name(dead_letter_queue: str) -> str:
+    """Exclusive queue whose existence means a replay or purge holds ``dead_letter_queue``."""
+    return f"{dead_letter_queue}.lock"
+
+
 def wait_tier_name(seconds: int) -> str:
     """Name of a delay tier, used in the wait queue's name and WAIT_HEADER."""
     return f"{seconds}s"

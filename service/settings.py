@@ -57,6 +57,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Deliveries whose worker process died (kill -9, os._exit, OOM) before a "
         "message is dead-lettered as poison.",
     ),
+    Setting(
+        "KIT_MAX_REPLAYS",
+        "3",
+        "`dlq replay` refuses a dead letter replayed this many times already, unless `--force`.",
+    ),
     Setting("KIT_CONCURRENCY", "2", "Worker processes per `python -m service worker`."),
     Setting("KIT_LOG_LEVEL", "INFO", "Log level of workers and beat."),
     Setting(
@@ -121,6 +126,7 @@ class Settings:
     retry_backoff_base: float
     retry_backoff_max: float
     max_worker_lost: int
+    max_replays: int
     concurrency: int
     log_level: str
     task_modules: tuple[str, ...]
@@ -167,6 +173,7 @@ def load() -> Settings:
         retry_backoff_base=_number("KIT_RETRY_BACKOFF_BASE", minimum=0.001),
         retry_backoff_max=_number("KIT_RETRY_BACKOFF_MAX", minimum=1),
         max_worker_lost=int(_number("KIT_MAX_WORKER_LOST", int, minimum=1)),
+        max_replays=int(_number("KIT_MAX_REPLAYS", int)),
         concurrency=int(_number("KIT_CONCURRENCY", int, minimum=1)),
         log_level=_raw("KIT_LOG_LEVEL").upper(),
         task_modules=modules,

@@ -1,0 +1,330 @@
+"""``python -m service dlq ...``: see, replay, purge, export and import dead letters."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from service import deadletters as dl
+from service.errors import KitError
+from service.settings import ConfigError, Settings, load
+
+EXIT_ERROR = 2
+EXIT_PARTIAL = 1
+
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (KitError, ConfigError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+
+    return wrapper
+
+
+def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return dl.parse_moment(value)
+    except dl.DeadLetterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The filters every selecting command takes."""
+    options = [
+        click.option("--queue", "-q", "queue_names", multiple=True, metavar="QUEUE",
+                     help="Work or dead-letter queue (default, default.dead); repeatable. Default: all."),
+        click.option("--task", "tasks", multiple=True, metavar="PATTERN",
+                     help="Task name or pattern (emails.*); repeatable."),
+        click.option("--exception", "exceptions", multiple=True, metavar="PATTERN",
+                     help="Exception class, short or qualified, or pattern (*Timeout*); repeatable."),
+        click.option("--reason", "reasons", multiple=True, metavar="REASON",
+                     help="kit-reason (retries-exhausted, permanent-error, ...); repeatable."),
+        click.option("--id", "ids", multiple=True, metavar="ID", help="Task id; repeatable."),
+        click.option("--since", callback=_moment, metavar="TIME",
+                     help="Dead-lettered at or after: ISO 8601 (UTC if no zone) or an age (30m, 2h, 7d)."),
+        click.option("--until", callback=_moment, metavar="TIME", help="Dead-lettered at or before (as --since)."),
+        click.option("--limit", type=click.IntRange(min=1), help="At most this many messages."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filters(kwargs: dict[str, Any]) -> dl.Filters:
+    return dl.Filters(tasks=kwargs.pop("tasks"), exceptions=kwargs.pop("exceptions"), reasons=kwargs.pop("reasons"),
+                      ids=kwargs.pop("ids"), since=kwargs.pop("since"), until=kwargs.pop("until"))
+
+
+@contextmanager
+def _connection(settings: Settings) -> Iterator[Any]:
+    from service.topology import connect
+
+    conn = connect(settings)
+    try:
+        yield conn
+    finally:
+        conn.release()
+
+
+def _json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group()
+def dlq() -> None:
+    """Dead letters: what died and why; replay, purge, export and import them.
+
+    Listing and showing never change a queue. Replay and purge take a lock per
+    queue, republish or archive a message before removing it, and leave the
+    messages they skip in place and in order.
+    """
+
+
+@dlq.command()
+@click.option("--queue", "-q", "queue_names", multiple=True, metavar="QUEUE", help="Queue(s); default: all.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
+    """Per dead-letter queue: count, oldest, newest, and counts by task, exception and reason."""
+    names = dl.resolve_queues(queue_names)
+    with _connection(load()) as conn:
+        results = [dl.stats(conn, name) for name in names]
+    if as_json:
+        _json(results)
+        return
+    for result in results:
+        out.print(f"[bold]{result['queue']}[/bold]: {result['count']} dead letter(s)"
+                  + (f", oldest {result['oldest']}, newest {result['newest']}" if result["count"] else ""))
+        for title, key in (("task", "by_task"), ("exception", "by_exception"), ("reason", "by_reason")):
+            if result[key]:
+                out.print(f"  by {title}: " + ", ".join(f"{k} {v}" for k, v in result[key].items()))
+
+
+@dlq.command("list")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwargs: Any) -> None:
+    """List dead letters (id, task, exception, attempts, source queue, when it died). Changes nothing."""
+    filters = _filters(kwargs)
+    rows: list[dict[str, Any]] = []
+    with _connection(load()) as conn:
+        for name in dl.resolve_queues(queue_names):
+            rows += [dict(letter.summary(), queue=name) for letter in dl.browse(conn, name, filters)]
+    rows = rows[:limit] if limit else rows
+    if as_json:
+        _json(rows)
+        return
+    table = Table("queue", "#", "id", "task", "reason", "exception", "attempts", "replays", "source", "died at")
+    for row in rows:
+        table.add_row(row["queue"], str(row["position"]), row["id"], row["task"], row["reason"], row["exception"],
+                      str(row["attempts"]), str(row["replays"]), row["source_queue"], row["died_at"] or "")
+    out.print(table)
+    out.print(f"{len(rows)} dead letter(s)")
+
+
+@dlq.command()
+@click.argument("letter_id", metavar="ID")
+@click.option("--queue", "-q", "queue_names", multiple=True, metavar="QUEUE", help="Queue(s) to look in.")
+@click.option("--hide-args", is_flag=True, help="Do not print the task's arguments (they may hold personal data).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def show(letter_id: str, queue_names: tuple[str, ...], hide_args: bool, as_json: bool) -> None:
+    """Everything about one dead letter: reason, traceback, arguments, headers, x-death history."""
+    with _connection(load()) as conn:
+        letter = dl.find(conn, dl.resolve_queues(queue_names), letter_id)
+    info = letter.details(show_args=not hide_args)
+    if as_json:
+        _json(info)
+        return
+    for key in ("id", "task", "queue", "position", "reason", "exception", "message", "attempts", "replays",
+                "source_queue", "first_failure_at", "last_failure_at", "died_at", "body_bytes"):
+        out.print(f"[bold]{key:16}[/bold] {info.get(key)}")
+    if not hide_args:
+        out.print(f"[bold]{'args':16}[/bold] {json.dumps(info['args'])}")
+        out.print(f"[bold]{'kwargs':16}[/bold] {json.dumps(info['kwargs'])}")
+    if info["traceback"]:
+        out.print("[bold]traceback[/bold]")
+        out.print(info["traceback"], markup=False)
+    if info["x_death"]:
+        out.print("[bold]x-death[/bold] " + json.dumps(info["x_death"], default=str))
+    out.print("[bold]headers[/bold] " + json.dumps(info["headers"], default=str, sort_keys=True))
+
+
+class _Reporter:
+    """A progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.progress = None
+        if err.is_terminal and total:
+            self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     console=err, transient=True)
+            self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self) -> _Reporter:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def __call__(self, letter: dl.DeadLetter, what: str) -> None:
+        if self.progress:
+            self.progress.advance(self.task)
+
+
+def _summary(totals: dict[str, int], verbs: dict[str, str]) -> str:
+    return ", ".join(f"{verbs.get(k, k)} {v}" for k, v in totals.items())
+
+
+@dlq.command()
+@filter_options
+@click.option("--to", "to_queue", metavar="QUEUE", help="Work queue to replay into (default: each one's source).")
+@click.option("--rate", type=click.FloatRange(min=0.1), help="At most N messages per second.")
+@click.option("--dry-run", is_flag=True, help="Print exactly what would be replayed; change nothing.")
+@click.option("--max-replays", type=click.IntRange(min=0),
+              help="Refuse messages already replayed this many times (default: KIT_MAX_REPLAYS).")
+@click.option("--force", is_flag=True, help="Replay even messages over the replay budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_friendly
+def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None, rate: float | None,
+           dry_run: bool, max_replays: int | None, force: bool, as_json: bool, **kwargs: Any) -> None:
+    """Put matching dead letters back on their source queue, with a fresh retry budget.
+
+    Each is republished and confirmed before it leaves the dead-letter queue;
+    killing this command at any moment loses nothing.
+    """
+    filters = _filters(kwargs)
+    settings = load()
+    budget = settings.max_replays if max_replays is None else max_replays
+    totals = {"taken": 0, "skipped": 0, "refused": 0, "failed": 0}
+    listed: list[dict[str, Any]] = []
+    with _connection(settings) as conn:
+        for name in dl.resolve_queues(queue_names):
+            remaining = None if limit is None else limit - totals["taken"] - totals["refused"]
+            if remaining is not None and remaining <= 0:
+                break
+            total = len(dl.browse(conn, name, filters)) if err.is_terminal else 0
+            with _Reporter(total, f"replaying {name}") as reporter:
+                outcome = dl.replay(conn, settings, name, filters, to=to_queue, limit=remaining, rate=rate,
+                                    max_replays=budget, force=force, dry_run=dry_run, progress=reporter)
+            for key, value in outcome.counts().items():
+                totals[key] += value
+            for letter in outcome.taken:
+                listed.append(dict(letter.summary(), queue=name, to=to_queue or letter.source_queue,
+                                   action="would replay" if dry_run else "replayed"))
+            for letter in outcome.refused:
+                listed.append(dict(letter.summary(), queue=name, to=None, action="refused"))
+            for letter, why in outcome.failed:
+                listed.append(dict(letter.summary(), queue=name, to=None, action=f"failed: {why}"))
+    verbs = {"taken": "would replay" if dry_run else "replayed"}
+    if as_json:
+        _json({"dry_run": dry_run, "totals": totals, "messages": listed})
+    else:
+        if dry_run or totals["refused"] or totals["failed"]:
+            for row in listed:
+                click.echo(f"{row['action']:13} {row['queue']:14} {row['id']}  {row['task']}  "
+                           f"{row['exception']}  replays={row['replays']}"
+                           + (f"  -> {row['to']}" if row["to"] else ""))
+        click.echo(_summary(totals, verbs) + (" (dry run: nothing changed)" if dry_run else ""))
+        if totals["refused"]:
+            click.echo(f"refused: replayed {budget} time(s) already; fix the cause, then use --force", err=True)
+    if totals["failed"]:
+        sys.exit(EXIT_PARTIAL)
+
+
+@dlq.command()
+@filter_options
+@click.option("--archive", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append the purged messages to this JSON Lines file first (dlq import reads it).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_friendly
+def purge(queue_names: tuple[str, ...], limit: int | None, archive: Path | None, yes: bool, **kwargs: Any) -> None:
+    """Delete matching dead letters (asks first). With --archive, each is saved before it is deleted."""
+    filters = _filters(kwargs)
+    settings = load()
+    names = dl.resolve_queues(queue_names)
+    with _connection(settings) as conn:
+        matching = sum(len(dl.browse(conn, name, filters)) for name in names)
+        count = min(matching, limit) if limit else matching
+        if not count:
+            click.echo("nothing matches: nothing purged")
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise dl.DeadLetterError(f"{count} dead letter(s) match; pass --yes to purge them without a prompt")
+            click.confirm(f"Purge {count} dead letter(s) from {', '.join(names)}?", abort=True)
+        totals = {"taken": 0, "skipped": 0}
+        stream = archive.open("a") if archive else None
+        try:
+            for name in names:
+                remaining = None if limit is None else limit - totals["taken"]
+                if remaining is not None and remaining <= 0:
+                    break
+                outcome = dl.purge(conn, name, filters, limit=remaining, archive=stream)
+                totals["taken"] += len(outcome.taken)
+                totals["skipped"] += outcome.skipped
+        finally:
+            if stream:
+                stream.close()
+    click.echo(f"purged {totals['taken']}, kept {totals['skipped']}"
+               + (f"; archived in {archive}" if archive else ""))
+
+
+@dlq.command()
+@filter_options
+@click.option("--output", "-o", "output", required=True, metavar="FILE",
+              help="JSON Lines file to write ('-' for standard output).")
+@_friendly
+def export(queue_names: tuple[str, ...], limit: int | None, output: str, **kwargs: Any) -> None:
+    """Write matching dead letters to a JSON Lines archive. Changes nothing."""
+    filters = _filters(kwargs)
+    written = 0
+    with _connection(load()) as conn:
+        stream = sys.stdout if output == "-" else open(output, "w")  # noqa: SIM115 - closed below
+        try:
+            for name in dl.resolve_queues(queue_names):
+                remaining = None if limit is None else limit - written
+                if remaining is not None and remaining <= 0:
+                    break
+                written += dl.export(conn, name, filters, stream, limit=remaining)
+        finally:
+            if stream is not sys.stdout:
+                stream.close()
+    click.echo(f"exported {written} dead letter(s)" + ("" if output == "-" else f" to {output}"), err=output == "-")
+
+
+@dlq.command("import")
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--queue", "-q", "queue_name", metavar="QUEUE", help="Dead-letter queue to import into "
+              "(default: the one each message was exported from).")
+@_friendly
+def import_(archive: Path, queue_name: str | None) -> None:
+    """Put an archive written by export or purge --archive back into dead-letter queues, byte for byte."""
+    settings = load()
+    target = dl.resolve_queues([queue_name])[0] if queue_name else None
+    records = dl.read_archive(archive)
+    with _connection(settings) as conn:
+        count = dl.import_records(conn, settings, records, target)
+    click.echo(f"imported {count} dead letter(s) from {archive}")

@@ -1,0 +1,689 @@
+"""Dead-letter operations: look at, replay, purge, export and import dead letters.
+
+Every operation reads a dead-letter queue by consuming it WITHOUT acking. A
+message the operation does not take is held unacked until the end and then
+returned with ``basic.nack(requeue)``; RabbitMQ puts requeued messages back at
+their original positions, so listing changes nothing, and a replay or purge
+leaves the messages it skips where they were, in their order.
+
+A message that is taken is first republished (replay) or written to the
+archive file (purge --archive), and only acked once the broker confirmed it /
+the file was synced. Killing the process at any moment therefore loses
+nothing: unacked messages return to the queue, and at worst one message that
+was already republished is replayed again.
+
+Two replays or purges of one queue cannot run at once: each holds an
+exclusive "lock" queue on its connection (released by the broker when the
+connection goes, also on kill -9); a second one is refused with a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TextIO
+
+import amqp
+from kombu import Connection
+
+from service import headers as h
+from service import queues
+from service.errors import KitError
+from service.publishing import ConfirmedChannel, Outgoing
+from service.settings import Settings
+
+#: The kit's own replay counter (not an x- header: RabbitMQ 3.13+ owns those).
+REPLAYS_HEADER = "kit-replays"
+#: ISO 8601 UTC time of the latest replay.
+REPLAYED_AT_HEADER = "kit-replayed-at"
+#: Headers a replay removes, so the task starts over with a fresh retry budget.
+_RESET_ON_REPLAY = (h.WORKER_LOST, queues.WAIT_HEADER, "x-death", "x-first-death-exchange",
+                    "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange",
+                    "x-last-death-queue", "x-last-death-reason")
+_KEPT_PROPERTIES = ("content_type", "content_encoding", "priority", "correlation_id", "reply_to",
+                    "message_id", "timestamp", "type", "app_id")
+#: Replayed messages are published and confirmed this many at a time.
+REPLAY_WINDOW = 200
+EXPORT_FORMAT = "celery-rabbitmq-kit/dead-letter/v1"
+
+
+class DeadLetterError(KitError):
+    """A dead-letter operation was asked something it cannot do (bad queue, filter, id)."""
+
+
+class QueueBusy(DeadLetterError):
+    """Another replay, purge or import holds the queue."""
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+@dataclass
+class DeadLetter:
+    """One message of a dead-letter queue, with what the kit knows about why it died."""
+
+    queue: str
+    position: int
+    body: bytes
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    delivery_tag: int = 0
+
+    @property
+    def id(self) -> str:
+        """The Celery task id, else the message's own id, else a hash of the body."""
+        for value in (self.headers.get("id"), self.properties.get("message_id"),
+                      self.properties.get("correlation_id")):
+            if value:
+                return str(value)
+        return "sha1:" + hashlib.sha1(self.body).hexdigest()[:16]  # noqa: S324 - an identifier, not security
+
+    @property
+    def task(self) -> str:
+        return str(self.headers.get("task") or "")
+
+    @property
+    def reason(self) -> str:
+        """The kit's reason, or RabbitMQ's own (x-death) for broker dead-lettering."""
+        if self.headers.get(h.REASON):
+            return str(self.headers[h.REASON])
+        death = self._last_death()
+        return f"broker-{death.get('reason')}" if death else "unknown"
+
+    @property
+    def exception_type(self) -> str:
+        return str(self.headers.get(h.EXCEPTION_TYPE) or "")
+
+    @property
+    def exception_message(self) -> str:
+        return str(self.headers.get(h.EXCEPTION_MESSAGE) or "")
+
+    @property
+    def attempts(self) -> int:
+        value = self.headers.get(h.ATTEMPTS)
+        return int(value) if value is not None else int(self.headers.get("retries") or 0) + 1
+
+    @property
+    def replays(self) -> int:
+        return int(self.headers.get(REPLAYS_HEADER) or 0)
+
+    @property
+    def source_queue(self) -> str:
+        """The work queue to put it back on."""
+        source = self.headers.get(h.SOURCE_QUEUE)
+        if source in queues.WORK_QUEUE_NAMES:
+            return str(source)
+        death = self._last_death()
+        if death and death.get("queue") in queues.WORK_QUEUE_NAMES:
+            return str(death["queue"])
+        return work_queue_of(self.queue)
+
+    @property
+    def died_at(self) -> datetime | None:
+        """When it was dead-lettered (UTC), from the kit's header or RabbitMQ's x-death."""
+        value = self.headers.get(h.DEAD_LETTERED_AT)
+        if value:
+            try:
+                return _aware(datetime.fromisoformat(str(value)))
+            except ValueError:
+                pass
+        death = self._last_death()
+        if death and isinstance(death.get("time"), datetime):
+            return _aware(death["time"])
+        return None
+
+    def _last_death(self) -> dict[str, Any] | None:
+        deaths = self.headers.get("x-death")
+        if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+            return deaths[0]  # RabbitMQ keeps the most recent first
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """The fields ``dlq list`` shows."""
+        died = self.died_at
+        return {
+            "position": self.position,
+            "id": self.id,
+            "task": self.task,
+            "reason": self.reason,
+            "exception": self.exception_type,
+            "message": self.exception_message,
+            "attempts": self.attempts,
+            "replays": self.replays,
+            "source_queue": self.source_queue,
+            "died_at": died.isoformat(timespec="seconds") if died else None,
+        }
+
+    def details(self, show_args: bool = True) -> dict[str, Any]:
+        """Everything ``dlq show`` shows."""
+        info = self.summary()
+        info.update(
+            queue=self.queue,
+            traceback=str(self.headers.get(h.TRACEBACK) or ""),
+            first_failure_at=self.headers.get(h.FIRST_FAILURE_AT),
+            last_failure_at=self.headers.get(h.LAST_FAILURE_AT),
+            x_death=to_jsonable(self.headers.get("x-death") or []),
+            headers=to_jsonable(self.headers),
+            properties=to_jsonable(self.properties),
+            body_bytes=len(self.body),
+        )
+        if show_args:
+            info["args"], info["kwargs"] = _decode_args(self)
+        else:
+            info["headers"] = {k: ("<hidden>" if k in ("argsrepr", "kwargsrepr") else v)
+                               for k, v in info["headers"].items()}
+        return info
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _decode_args(letter: DeadLetter) -> tuple[Any, Any]:
+    if letter.properties.get("content_type") != "application/json":
+        return None, None
+    try:
+        args, kwargs, _ = json.loads(letter.body)
+        return args, kwargs
+    except (ValueError, TypeError):
+        return None, None
+
+
+def work_queue_of(name: str) -> str:
+    """The work queue a dead-letter queue belongs to."""
+    for queue in queues.WORK_QUEUE_NAMES:
+        if queues.dead_letter_queue_name(queue) == name:
+            return queue
+    raise DeadLetterError(f"{name!r} is not a dead-letter queue")
+
+
+def resolve_queues(names: Iterable[str] | None) -> list[str]:
+    """Dead-letter queue names from user input: ``default`` or ``default.dead``; all when empty."""
+    dead = [q.name for q in queues.DEAD_LETTER_QUEUES]
+    chosen = []
+    for name in names or ():
+        if name in dead:
+            chosen.append(name)
+        elif name in queues.WORK_QUEUE_NAMES:
+            chosen.append(queues.dead_letter_queue_name(name))
+        else:
+            raise DeadLetterError(
+                f"unknown queue {name!r}; use a work queue ({', '.join(queues.WORK_QUEUE_NAMES)}) "
+                f"or a dead-letter queue ({', '.join(dead)})"
+            )
+    return chosen or dead
+
+
+# -- filters ------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_moment(text: str, now: datetime | None = None) -> datetime:
+    """ISO 8601 (``2026-11-21``, ``2026-11-21T14:00``, with or without zone; UTC
+    when none) or an age (``30m``, ``2h``, ``7d`` ago)."""
+    value = text.strip()
+    match = _RELATIVE.match(value)
+    if match:
+        return (now or datetime.now(UTC)) - timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    try:
+        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        raise DeadLetterError(
+            f"cannot read the time {text!r}: use ISO 8601 (2026-11-21 or 2026-11-21T14:30:00Z) "
+            "or an age like 30m, 2h, 7d"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which dead letters an operation takes. Empty fields match everything.
+
+    ``task`` and ``exception`` accept shell-style patterns (``emails.*``,
+    ``*Timeout*``); ``exception`` matches the qualified or the short class name.
+    """
+
+    tasks: tuple[str, ...] = ()
+    exceptions: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def match(self, letter: DeadLetter) -> bool:
+        """True when ``letter`` passes every filter given."""
+        if self.ids and letter.id not in self.ids:
+            return False
+        if self.tasks and not any(fnmatch.fnmatchcase(letter.task, p) for p in self.tasks):
+            return False
+        if self.exceptions:
+            full = letter.exception_type
+            short = full.rsplit(".", 1)[-1]
+            if not any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(short, p) for p in self.exceptions):
+                return False
+        if self.reasons and letter.reason not in self.reasons:
+            return False
+        if self.since or self.until:
+            died = letter.died_at
+            if died is None or (self.since and died < self.since) or (self.until and died > self.until):
+                return False
+        return True
+
+
+# -- the queue walker -----------------------------------------------------------------
+
+
+class _Walk:
+    """Consumes a snapshot of a queue without acking; nacks (requeues) what is left at the end."""
+
+    def __init__(self, conn: Connection, queue: str) -> None:
+        self.queue = queue
+        self.channel = conn.channel()
+        self.channel.auto_decode = False  # bodies stay bytes, exactly as stored
+        try:
+            _, self.count, _ = self.channel.queue_declare(queue, passive=True)
+        except amqp.exceptions.NotFound:
+            raise DeadLetterError(
+                f"queue {queue!r} does not exist on the broker; run `python -m service topology declare`"
+            ) from None
+        self._received: list[amqp.Message] = []
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        if not self.count:
+            return
+        # Unlimited prefetch: held messages must not stall the delivery of the rest.
+        self.channel.basic_qos(0, 0, False)
+        tag = self.channel.basic_consume(self.queue, no_ack=False, callback=self._received.append)
+        position = 0
+        try:
+            while position < self.count:
+                if not self._received:
+                    try:
+                        self.channel.connection.drain_events(timeout=5)
+                    except TimeoutError:
+                        break  # the queue shrank under us (someone else consumed)
+                    continue
+                message = self._received.pop(0)
+                position += 1
+                yield DeadLetter(
+                    queue=self.queue,
+                    position=position,
+                    body=bytes(message.body),
+                    headers=dict(message.properties.get("application_headers") or {}),
+                    properties={k: v for k, v in message.properties.items() if k != "application_headers"},
+                    delivery_tag=message.delivery_info["delivery_tag"],
+                )
+        finally:
+            self.channel.basic_cancel(tag)
+
+    def ack(self, letter: DeadLetter) -> None:
+        """Remove ``letter`` from the queue (only after its copy is safe)."""
+        self.channel.basic_ack(letter.delivery_tag)
+
+    def close(self) -> None:
+        """Requeue every message not acked, at its original position.
+
+        Closing the channel is what returns them (py-amqp has no basic.nack).
+        """
+        try:
+            self.channel.close()
+        except Exception:  # noqa: BLE001 - a channel the broker closed has requeued them already
+            pass
+
+
+def browse(conn: Connection, queue: str, filters: Filters | None = None) -> list[DeadLetter]:
+    """The dead letters of ``queue`` (matching ``filters``), oldest first. Changes nothing."""
+    walk = _Walk(conn, queue)
+    try:
+        return [letter for letter in walk if filters is None or filters.match(letter)]
+    finally:
+        walk.close()
+
+
+def find(conn: Connection, queue_names: Iterable[str], letter_id: str) -> DeadLetter:
+    """The dead letter with ``letter_id`` in any of the queues. Raises DeadLetterError if none."""
+    for queue in queue_names:
+        for letter in browse(conn, queue, Filters(ids=(letter_id,))):
+            return letter
+    raise DeadLetterError(f"no dead letter with id {letter_id!r} in {', '.join(queue_names)}")
+
+
+def stats(conn: Connection, queue: str) -> dict[str, Any]:
+    """Count, oldest, newest and counts by task, exception and reason of one queue."""
+    letters = browse(conn, queue)
+    died = [d for d in (letter.died_at for letter in letters) if d]
+    return {
+        "queue": queue,
+        "count": len(letters),
+        "oldest": min(died).isoformat(timespec="seconds") if died else None,
+        "newest": max(died).isoformat(timespec="seconds") if died else None,
+        "by_task": dict(Counter(letter.task or "(none)" for letter in letters).most_common()),
+        "by_exception": dict(Counter(letter.exception_type or "(none)" for letter in letters).most_common()),
+        "by_reason": dict(Counter(letter.reason for letter in letters).most_common()),
+    }
+
+
+# -- locking ---------------------------------------------------------------------------
+
+
+def _lock(conn: Connection, queue: str) -> amqp.Channel:
+    """Hold ``queue``'s lock: an exclusive queue that dies with this connection."""
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queues.lock_queue_name(queue), exclusive=True, auto_delete=True)
+    except amqp.exceptions.ResourceLocked:
+        raise QueueBusy(
+            f"another replay, purge or import is working on {queue!r}; wait for it to finish "
+            "(its lock is released when it ends or its process dies)"
+        ) from None
+    return channel
+
+
+# -- replay and purge -----------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What an operation did, message by message."""
+
+    taken: list[DeadLetter] = field(default_factory=list)
+    skipped: int = 0
+    refused: list[DeadLetter] = field(default_factory=list)
+    failed: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    matched: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"taken": len(self.taken), "skipped": self.skipped, "refused": len(self.refused),
+                "failed": len(self.failed)}
+
+
+def replayed_message(letter: DeadLetter, target: str) -> Outgoing:
+    """The message a replay publishes: same body and priority, a fresh retry
+    budget, the replay counter incremented."""
+    headers = {k: v for k, v in letter.headers.items() if k not in _RESET_ON_REPLAY}
+    headers["retries"] = 0
+    headers["eta"] = None
+    headers[REPLAYS_HEADER] = letter.replays + 1
+    headers[REPLAYED_AT_HEADER] = h.utc_now_iso()
+    properties = {k: v for k, v in letter.properties.items() if k in _KEPT_PROPERTIES and v is not None}
+    properties["delivery_mode"] = 2
+    return Outgoing(queues.TASK_EXCHANGE, target, letter.body, headers, properties)
+
+
+class _Pacer:
+    """Sleeps so that at most ``rate`` messages per second go out (no limit when None)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self.next_at = time.monotonic()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        now = time.monotonic()
+        if now < self.next_at:
+            time.sleep(self.next_at - now)
+        self.next_at = max(now, self.next_at) + self.interval
+
+
+def replay(
+    conn: Connection,
+    settings: Settings,
+    queue: str,
+    filters: Filters,
+    *,
+    to: str | None = None,
+    limit: int | None = None,
+    rate: float | None = None,
+    max_replays: int = 3,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[DeadLetter, str], None] | None = None,
+) -> Outcome:
+    """Put matching dead letters of ``queue`` back on their work queue (or ``to``).
+
+    Each message is republished and confirmed before it is acked. A message
+    already replayed ``max_replays`` times is refused unless ``force``. With
+    ``dry_run`` nothing is published, acked or locked: the outcome lists what
+    would be replayed.
+    """
+    if to is not None:
+        try:
+            queues.work_queue(to)
+        except ValueError as exc:
+            raise DeadLetterError(str(exc)) from None
+    outcome = Outcome()
+    lock = None if dry_run else _lock(conn, queue)
+    walk = _Walk(conn, queue)
+    publisher = None if dry_run else ConfirmedChannel(settings)
+    pacer = _Pacer(rate)
+    window: list[DeadLetter] = []
+    window_size = 1 if rate else REPLAY_WINDOW
+
+    def flush() -> bool:
+        """Publish the window, then ack it; False (nothing acked) when the broker failed."""
+        if not window:
+            return True
+        assert publisher is not None
+        try:
+            publisher.publish_many([replayed_message(d, to or d.source_queue) for d in window], window=len(window))
+        except KitError as exc:
+            for letter in window:
+                outcome.failed.append((letter, str(exc)))
+                _report(progress, letter, "failed")
+            window.clear()
+            return False
+        for letter in window:
+            walk.ack(letter)
+            outcome.taken.append(letter)
+            _report(progress, letter, "replayed")
+        window.clear()
+        return True
+
+    try:
+        for letter in walk:
+            if limit is not None and outcome.matched >= limit:
+                outcome.skipped += 1
+                continue
+            if not filters.match(letter):
+                outcome.skipped += 1
+                continue
+            outcome.matched += 1
+            if letter.replays >= max_replays and not force:
+                outcome.refused.append(letter)
+                _report(progress, letter, "refused")
+                continue
+            if dry_run:
+                outcome.taken.append(letter)
+                _report(progress, letter, "would replay")
+                continue
+            pacer.wait()
+            window.append(letter)
+            if len(window) >= window_size and not flush():
+                break  # the broker failed: stop; everything not acked stays in the queue
+        else:
+            flush()
+    finally:
+        walk.close()
+        if publisher is not None:
+            publisher.close()
+        if lock is not None:
+            lock.close()
+    return outcome
+
+
+def purge(
+    conn: Connection,
+    queue: str,
+    filters: Filters,
+    *,
+    limit: int | None = None,
+    archive: TextIO | None = None,
+    progress: Callable[[DeadLetter, str], None] | None = None,
+) -> Outcome:
+    """Delete matching dead letters of ``queue``; with ``archive``, each is written
+    (and the file synced) before it is deleted."""
+    outcome = Outcome()
+    lock = _lock(conn, queue)
+    walk = _Walk(conn, queue)
+    batch: list[DeadLetter] = []
+
+    def flush() -> None:
+        if archive is not None and batch:
+            archive.flush()
+            _fsync(archive)
+        for letter in batch:
+            walk.ack(letter)
+            outcome.taken.append(letter)
+            _report(progress, letter, "purged")
+        batch.clear()
+
+    try:
+        for letter in walk:
+            if (limit is not None and outcome.matched >= limit) or not filters.match(letter):
+                outcome.skipped += 1
+                continue
+            outcome.matched += 1
+            if archive is not None:
+                archive.write(json.dumps(export_record(letter)) + "\n")
+            batch.append(letter)
+            if len(batch) >= REPLAY_WINDOW:
+                flush()
+        flush()
+    finally:
+        walk.close()
+        lock.close()
+    return outcome
+
+
+def _fsync(stream: TextIO) -> None:
+    try:
+        os.fsync(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass  # not a real file (stdout, a pipe): nothing to sync
+
+
+def _report(progress: Callable[[DeadLetter, str], None] | None, letter: DeadLetter, what: str) -> None:
+    if progress is not None:
+        progress(letter, what)
+
+
+# -- export and import --------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+    """AMQP header values as JSON, with tags for the types JSON lacks (round-trips)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, Decimal):
+        return {"$decimal": str(value)}
+    return value
+
+
+def from_jsonable(value: Any) -> Any:
+    """The inverse of ``to_jsonable``."""
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (key, inner), = value.items()
+            if key == "$datetime":
+                return datetime.fromisoformat(inner)
+            if key == "$bytes":
+                return base64.b64decode(inner)
+            if key == "$decimal":
+                return Decimal(inner)
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    return value
+
+
+def export_record(letter: DeadLetter) -> dict[str, Any]:
+    """One JSON Lines record of the archive: everything needed to put it back."""
+    return {
+        "format": EXPORT_FORMAT,
+        "queue": letter.queue,
+        "id": letter.id,
+        "body": base64.b64encode(letter.body).decode(),
+        "headers": to_jsonable(letter.headers),
+        "properties": to_jsonable(letter.properties),
+        "exported_at": h.utc_now_iso(),
+    }
+
+
+def export(conn: Connection, queue: str, filters: Filters, out: TextIO, *, limit: int | None = None) -> int:
+    """Write matching dead letters of ``queue`` to ``out`` as JSON Lines. Changes nothing."""
+    letters = browse(conn, queue, filters)
+    if limit is not None:
+        letters = letters[:limit]
+    for letter in letters:
+        out.write(json.dumps(export_record(letter)) + "\n")
+    out.flush()
+    return len(letters)
+
+
+def read_archive(path: Path) -> list[dict[str, Any]]:
+    """Read and check a whole archive before anything is published.
+
+    Raises DeadLetterError naming the first bad line.
+    """
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DeadLetterError(f"cannot read {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record.get("format") != EXPORT_FORMAT:
+                raise ValueError(f"not a {EXPORT_FORMAT} record")
+            resolve_queues([record["queue"]])
+            record["body"] = base64.b64decode(record["body"], validate=True)
+            record["headers"] = from_jsonable(record["headers"])
+            record["properties"] = from_jsonable(record["properties"])
+        except DeadLetterError as exc:
+            raise DeadLetterError(f"{path}:{number}: {exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DeadLetterError(f"{path}:{number}: not a dead-letter record ({exc}); nothing was imported") from None
+        records.append(record)
+    return records
+
+
+def import_records(conn: Connection, settings: Settings, records: list[dict[str, Any]],
+                   queue: str | None = None) -> int:
+    """Put archived dead letters back into their dead-letter queue (or ``queue``), confirmed.
+
+    Headers and body are kept exactly as exported.
+    """
+    publisher = ConfirmedChannel(settings)
+    try:
+        outgoing = []
+        for record in records:
+            target = queue or record["queue"]
+            properties = {k: v for k, v in record["properties"].items() if k in _KEPT_PROPERTIES and v is not None}
+            properties["delivery_mode"] = 2
+            # The dead-letter exchange routes by work queue name to its DLQ.
+            outgoing.append(Outgoing(queues.DEAD_LETTER_EXCHANGE, work_queue_of(target), record["body"],
+                                     record["headers"], properties))
+        return publisher.publish_many(outgoing, window=REPLAY_WINDOW)
+    finally:
+        publisher.close()

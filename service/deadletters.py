@@ -391,6 +391,15 @@ def _lock(conn: Connection, queue: str) -> amqp.Channel:
     return channel
 
 
+def _unlock(channel: amqp.Channel, queue: str) -> None:
+    """Release ``queue``'s lock (the broker also does when the connection closes)."""
+    try:
+        channel.queue_delete(queues.lock_queue_name(queue))
+        channel.close()
+    except Exception:  # noqa: BLE001 - a lost connection has released the lock already
+        pass
+
+
 # -- replay and purge -----------------------------------------------------------------------
 
 
@@ -520,7 +529,7 @@ def replay(
         if publisher is not None:
             publisher.close()
         if lock is not None:
-            lock.close()
+            _unlock(lock, queue)
     return outcome
 
 
@@ -564,7 +573,7 @@ def purge(
         flush()
     finally:
         walk.close()
-        lock.close()
+        _unlock(lock, queue)
     return outcome
 
 

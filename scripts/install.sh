@@ -8,11 +8,17 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-if ! command -v rabbitmq-server >/dev/null 2>&1; then
-    echo ">> installing rabbitmq-server from Debian packages"
+# RabbitMQ, Prometheus (with promtool) and Alertmanager (with amtool) from Debian.
+# Where systemd runs, Debian starts them as services; the kit starts its own
+# instances otherwise (scripts/broker.sh, python -m service stack up).
+missing=()
+command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo ">> installing ${missing[*]} from Debian packages"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq rabbitmq-server >/dev/null
-    # Debian starts the service where systemd runs; the kit starts it itself otherwise.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"
@@ -27,3 +33,9 @@ fi
 echo ">> installing Python dependencies (pinned in pyproject.toml)"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
+
+if [ ! -x .venv-exporter/bin/python ]; then
+    echo ">> creating .venv-exporter for celery-exporter"
+    "$PYTHON" -m venv .venv-exporter
+fi
+.venv-exporter/bin/python -m pip install -q -r deploy/exporter/requirements.txt

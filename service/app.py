@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init
+from celery.signals import beat_init, worker_init, worker_process_init
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -105,6 +105,29 @@ def make_app() -> Celery:
 
 
 app = make_app()
+
+
+@worker_init.connect  # in the main process, before the pool forks (see service.monitoring.sentry)
+@worker_process_init.connect
+def _init_sentry_worker(**_: Any) -> None:
+    from service.monitoring import sentry
+
+    sentry.init("worker")
+
+
+@beat_init.connect
+def _init_sentry_beat(**_: Any) -> None:
+    from service.monitoring import sentry
+
+    sentry.init("beat", beat_schedule=app.conf.beat_schedule)
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Serve the kit's own metrics from the worker's main process."""
+    from service.monitoring.metrics import serve
+
+    serve(load().metrics_port)
 
 
 @worker_init.connect

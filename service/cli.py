@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +70,8 @@ def config(markdown: bool) -> None:
     for s in SETTINGS:
         value = os.environ.get(s.name, s.default)
         shown = redact_url(value) if s.name == "KIT_BROKER_URL" else value
+        if s.name == "SENTRY_DSN" and "@" in value:
+            shown = value.split("://", 1)[0] + "://***@" + value.rsplit("@", 1)[1]
         click.echo(f"{s.name}={shown}{'' if s.name in os.environ else '   (default)'}")
 
 
@@ -179,11 +182,17 @@ def worker(queue_names: str | None, concurrency: int | None, node_name: str | No
     """
     settings = load()
     names = _queue_list(queue_names)
+    node = node_name or f"{'-'.join(names)}@%h"
+    # prometheus-client multiprocess mode: one fresh directory per worker node.
+    metrics_dir = settings.state_dir / "metrics" / node.replace("%h", "host").replace("@", "_")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     argv = [
         sys.executable, "-m", "celery", "-A", "service.app", "worker",
         "-Q", ",".join(names),
         "-c", str(concurrency or settings.concurrency),
-        "-n", node_name or f"{'-'.join(names)}@%h",
+        "-n", node,
         "-l", settings.log_level,
         *celery_args,
     ]

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -127,19 +128,28 @@ def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwar
     """List dead letters (id, task, exception, attempts, source queue, when it died). Changes nothing."""
     filters = _filters(kwargs)
     rows: list[dict[str, Any]] = []
+    names = dl.resolve_queues(queue_names)
     with _connection(load()) as conn:
-        for name in dl.resolve_queues(queue_names):
+        busy = [name for name in names if dl.is_busy(conn, name)]
+        for name in names:
             rows += [dict(letter.summary(), queue=name) for letter in dl.browse(conn, name, filters)]
     rows = rows[:limit] if limit else rows
     if as_json:
         _json(rows)
         return
-    table = Table("queue", "#", "id", "task", "reason", "exception", "attempts", "replays", "source", "died at")
-    for row in rows:
-        table.add_row(row["queue"], str(row["position"]), row["id"], row["task"], row["reason"], row["exception"],
-                      str(row["attempts"]), str(row["replays"]), row["source_queue"], row["died_at"] or "")
-    out.print(table)
-    out.print(f"{len(rows)} dead letter(s)")
+    columns = ("queue", "position", "id", "task", "reason", "exception", "attempts", "replays", "source_queue",
+               "died_at")
+    if out.is_terminal:
+        table = Table(*columns)
+        for row in rows:
+            table.add_row(*(escape("" if row[c] is None else str(row[c])) for c in columns))
+        out.print(table)
+    else:  # whole values, tab-separated, for grep/cut/awk
+        click.echo("\t".join(columns))
+        for row in rows:
+            click.echo("\t".join("" if row[c] is None else str(row[c]) for c in columns))
+    click.echo(f"{len(rows)} dead letter(s)")
+    _warn_if_busy(busy)
 
 
 @dlq.command()
@@ -158,16 +168,22 @@ def show(letter_id: str, queue_names: tuple[str, ...], hide_args: bool, as_json:
         return
     for key in ("id", "task", "queue", "position", "reason", "exception", "message", "attempts", "replays",
                 "source_queue", "first_failure_at", "last_failure_at", "died_at", "body_bytes"):
-        out.print(f"[bold]{key:16}[/bold] {info.get(key)}")
+        out.print(f"[bold]{key:16}[/bold] {escape(str(info.get(key)))}")
     if not hide_args:
-        out.print(f"[bold]{'args':16}[/bold] {json.dumps(info['args'])}")
-        out.print(f"[bold]{'kwargs':16}[/bold] {json.dumps(info['kwargs'])}")
+        out.print(f"[bold]{'args':16}[/bold] {escape(json.dumps(info['args']))}")
+        out.print(f"[bold]{'kwargs':16}[/bold] {escape(json.dumps(info['kwargs']))}")
     if info["traceback"]:
         out.print("[bold]traceback[/bold]")
         out.print(info["traceback"], markup=False)
     if info["x_death"]:
-        out.print("[bold]x-death[/bold] " + json.dumps(info["x_death"], default=str))
-    out.print("[bold]headers[/bold] " + json.dumps(info["headers"], default=str, sort_keys=True))
+        out.print("[bold]x-death[/bold] " + escape(json.dumps(info["x_death"], default=str)))
+    out.print("[bold]headers[/bold] " + escape(json.dumps(info["headers"], default=str, sort_keys=True)))
+
+
+def _warn_if_busy(names: list[str]) -> None:
+    if names:
+        click.echo(f"warning: a replay or purge is running on {', '.join(names)}; the messages it holds "
+                   "are not listed", err=True)
 
 
 class _Reporter:
@@ -206,10 +222,12 @@ def _summary(totals: dict[str, int], verbs: dict[str, str]) -> str:
 @click.option("--max-replays", type=click.IntRange(min=0),
               help="Refuse messages already replayed this many times (default: KIT_MAX_REPLAYS).")
 @click.option("--force", is_flag=True, help="Replay even messages over the replay budget.")
+@click.option("--batch", type=click.IntRange(min=1), default=dl.REPLAY_BATCH, show_default=True,
+              help="Confirm N messages at a time: faster, but a kill may then replay up to N twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @_friendly
 def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None, rate: float | None,
-           dry_run: bool, max_replays: int | None, force: bool, as_json: bool, **kwargs: Any) -> None:
+           dry_run: bool, max_replays: int | None, force: bool, batch: int, as_json: bool, **kwargs: Any) -> None:
     """Put matching dead letters back on their source queue, with a fresh retry budget.
 
     Each is republished and confirmed before it leaves the dead-letter queue;
@@ -228,7 +246,8 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
             total = len(dl.browse(conn, name, filters)) if err.is_terminal else 0
             with _Reporter(total, f"replaying {name}") as reporter:
                 outcome = dl.replay(conn, settings, name, filters, to=to_queue, limit=remaining, rate=rate,
-                                    max_replays=budget, force=force, dry_run=dry_run, progress=reporter)
+                                    max_replays=budget, force=force, dry_run=dry_run, batch=batch,
+                                    progress=reporter)
             for key, value in outcome.counts().items():
                 totals[key] += value
             for letter in outcome.taken:
@@ -266,30 +285,49 @@ def purge(queue_names: tuple[str, ...], limit: int | None, archive: Path | None,
     settings = load()
     names = dl.resolve_queues(queue_names)
     with _connection(settings) as conn:
-        matching = sum(len(dl.browse(conn, name, filters)) for name in names)
-        count = min(matching, limit) if limit else matching
-        if not count:
-            click.echo("nothing matches: nothing purged")
-            return
-        if not yes:
-            if not sys.stdin.isatty():
-                raise dl.DeadLetterError(f"{count} dead letter(s) match; pass --yes to purge them without a prompt")
-            click.confirm(f"Purge {count} dead letter(s) from {', '.join(names)}?", abort=True)
-        totals = {"taken": 0, "skipped": 0}
-        stream = archive.open("a") if archive else None
+        held = []
         try:
-            for name in names:
-                remaining = None if limit is None else limit - totals["taken"]
-                if remaining is not None and remaining <= 0:
-                    break
-                outcome = dl.purge(conn, name, filters, limit=remaining, archive=stream)
-                totals["taken"] += len(outcome.taken)
-                totals["skipped"] += outcome.skipped
+            for name in names:  # lock first, so the count is what will be purged
+                held.append((dl.hold(conn, name), name))
+            matching = sum(len(dl.browse(conn, name, filters)) for name in names)
+            _purge_locked(conn, names, filters, limit, archive, yes, matching)
         finally:
-            if stream:
-                stream.close()
+            for channel, name in held:
+                dl.release(channel, name)
+
+
+def _open_for_writing(path: Path | str, mode: str) -> Any:
+    try:
+        return open(path, mode)  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise dl.DeadLetterError(f"cannot write {path}: {exc.strerror}; nothing was changed") from None
+
+
+def _purge_locked(conn: Any, names: list[str], filters: dl.Filters, limit: int | None, archive: Path | None,
+                  yes: bool, matching: int) -> None:
+    count = min(matching, limit) if limit else matching
+    if not count:
+        click.echo("nothing matches: nothing purged")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise dl.DeadLetterError(f"{count} dead letter(s) match; pass --yes to purge them without a prompt")
+        click.confirm(f"Purge {count} dead letter(s) from {', '.join(names)}?", abort=True)
+    totals = {"taken": 0, "skipped": 0}
+    stream = _open_for_writing(archive, "a") if archive else None
+    try:
+        for name in names:
+            remaining = None if limit is None else limit - totals["taken"]
+            if remaining is not None and remaining <= 0:
+                break
+            outcome = dl.purge(conn, name, filters, limit=remaining, archive=stream)
+            totals["taken"] += len(outcome.taken)
+            totals["skipped"] += outcome.skipped
+    finally:
+        if stream:
+            stream.close()
     click.echo(f"purged {totals['taken']}, kept {totals['skipped']}"
-               + (f"; archived in {archive}" if archive else ""))
+           + (f"; archived in {archive}" if archive else ""))
 
 
 @dlq.command()
@@ -301,10 +339,11 @@ def export(queue_names: tuple[str, ...], limit: int | None, output: str, **kwarg
     """Write matching dead letters to a JSON Lines archive. Changes nothing."""
     filters = _filters(kwargs)
     written = 0
+    names = dl.resolve_queues(queue_names)
     with _connection(load()) as conn:
-        stream = sys.stdout if output == "-" else open(output, "w")  # noqa: SIM115 - closed below
+        stream = sys.stdout if output == "-" else _open_for_writing(output, "w")
         try:
-            for name in dl.resolve_queues(queue_names):
+            for name in names:
                 remaining = None if limit is None else limit - written
                 if remaining is not None and remaining <= 0:
                     break

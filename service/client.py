@@ -18,14 +18,17 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from reprlib import Repr
 from typing import Any
 
+from service import headers as h
 from service import queues
 from service.errors import InvalidTaskInput
+from service.monitoring import sentry
 from service.publishing import ConfirmedChannel, Outgoing
 from service.settings import Settings, load
 
@@ -34,6 +37,7 @@ __all__ = ["Publisher", "TaskRequest", "publish", "build_message"]
 _REPR = Repr()
 _REPR.maxstring = 100
 _REPR.maxother = 100
+_HOSTNAME = f"gen{os.getpid()}@{socket.gethostname()}"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
@@ -110,6 +114,8 @@ def build_message(request: TaskRequest, max_payload_bytes: int) -> tuple[str, Ou
         "stamped_headers": None,
         "stamps": {},
     }
+    headers[h.ENQUEUED_AT] = time.time() + (request.countdown or 0)
+    headers.update(sentry.trace_headers())  # continues the caller's Sentry trace in the task
     headers.update(request.extra_headers)
     properties = {
         "content_type": "application/json",
@@ -136,6 +142,31 @@ def build_message(request: TaskRequest, max_payload_bytes: int) -> tuple[str, Ou
     return task_id, Outgoing(exchange, queue, payload, headers, properties)
 
 
+EVENT_EXCHANGE = "celeryev"  # Celery's own event exchange (celery.events)
+
+
+def sent_event(task_id: str, message: Outgoing) -> Outgoing:
+    """Celery's ``task-sent`` event for a message, as celery-exporter and Flower read it.
+
+    With it the exporter labels the task's later events with its queue.
+    """
+    headers = message.headers
+    queue = message.routing_key
+    event = {
+        "type": "task-sent", "timestamp": time.time(), "hostname": _HOSTNAME, "utcoffset": _utcoffset(),
+        "pid": os.getpid(), "clock": 0, "uuid": task_id, "root_id": headers.get("root_id"),
+        "parent_id": headers.get("parent_id"), "name": headers.get("task"), "args": headers.get("argsrepr"),
+        "kwargs": headers.get("kwargsrepr"), "retries": headers.get("retries", 0), "eta": None, "expires": None,
+        "queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": queue,
+    }
+    return Outgoing(EVENT_EXCHANGE, "task.sent", json.dumps(event).encode(), {"hostname": _HOSTNAME},
+                    {"content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 1})
+
+
+def _utcoffset() -> int:
+    return -time.timezone // 3600 if not time.localtime().tm_isdst else -time.altzone // 3600
+
+
 class Publisher:
     """A reusable, thread-safe publisher holding one broker connection.
 
@@ -145,6 +176,7 @@ class Publisher:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings or load()
+        sentry.init("client", self._settings)  # once per process; never over the host app's own init
         self._channel = ConfirmedChannel(self._settings)
 
     def publish(
@@ -165,6 +197,8 @@ class Publisher:
         request = TaskRequest(name, args, kwargs, priority, queue, countdown, task_id)
         task_id, message = build_message(request, self._settings.max_payload_bytes)
         self._channel.publish(message)
+        if self._settings.send_sent_events:
+            self._channel.publish_events([sent_event(task_id, message)])
         return task_id
 
     def publish_many(self, requests: Iterable[TaskRequest], *, window: int = 256) -> list[str]:
@@ -175,6 +209,8 @@ class Publisher:
         """
         built = [build_message(r, self._settings.max_payload_bytes) for r in requests]
         self._channel.publish_many((m for _, m in built), window=window)
+        if self._settings.send_sent_events:
+            self._channel.publish_events([sent_event(task_id, m) for task_id, m in built])
         return [task_id for task_id, _ in built]
 
     def close(self) -> None:

@@ -53,8 +53,11 @@ _RESET_ON_REPLAY = (h.WORKER_LOST, queues.WAIT_HEADER, "x-death", "x-first-death
                     "x-last-death-queue", "x-last-death-reason")
 _KEPT_PROPERTIES = ("content_type", "content_encoding", "priority", "correlation_id", "reply_to",
                     "message_id", "timestamp", "type", "app_id")
-#: Replayed messages are published and confirmed this many at a time.
-REPLAY_WINDOW = 200
+#: Purges and imports confirm (or sync) this many messages at a time.
+BATCH = 200
+#: A replay republishes and confirms one message before acking it, so killing
+#: it duplicates at most one message. ``batch`` trades that for speed.
+REPLAY_BATCH = 1
 EXPORT_FORMAT = "celery-rabbitmq-kit/dead-letter/v1"
 
 
@@ -211,7 +214,7 @@ def work_queue_of(name: str) -> str:
 def resolve_queues(names: Iterable[str] | None) -> list[str]:
     """Dead-letter queue names from user input: ``default`` or ``default.dead``; all when empty."""
     dead = [q.name for q in queues.DEAD_LETTER_QUEUES]
-    chosen = []
+    chosen: list[str] = []
     for name in names or ():
         if name in dead:
             chosen.append(name)
@@ -222,7 +225,7 @@ def resolve_queues(names: Iterable[str] | None) -> list[str]:
                 f"unknown queue {name!r}; use a work queue ({', '.join(queues.WORK_QUEUE_NAMES)}) "
                 f"or a dead-letter queue ({', '.join(dead)})"
             )
-    return chosen or dead
+    return list(dict.fromkeys(chosen)) or dead  # each queue once, in the order given
 
 
 # -- filters ------------------------------------------------------------------------
@@ -391,6 +394,33 @@ def _lock(conn: Connection, queue: str) -> amqp.Channel:
     return channel
 
 
+def is_busy(conn: Connection, queue: str) -> bool:
+    """True when a replay or purge (on another connection) holds ``queue``."""
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queues.lock_queue_name(queue), passive=True)
+    except amqp.exceptions.ResourceLocked:
+        return True
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - the broker closed it already
+            pass
+    return False
+
+
+def hold(conn: Connection, queue: str) -> amqp.Channel:
+    """Take ``queue``'s lock for the life of ``conn`` (see ``release``); raises QueueBusy."""
+    return _lock(conn, queue)
+
+
+def release(channel: amqp.Channel, queue: str) -> None:
+    """Give back a lock taken with ``hold``."""
+    _unlock(channel, queue)
+
+
 def _unlock(channel: amqp.Channel, queue: str) -> None:
     """Release ``queue``'s lock (the broker also does when the connection closes)."""
     try:
@@ -426,6 +456,7 @@ def replayed_message(letter: DeadLetter, target: str) -> Outgoing:
     headers["eta"] = None
     headers[REPLAYS_HEADER] = letter.replays + 1
     headers[REPLAYED_AT_HEADER] = h.utc_now_iso()
+    headers[h.ENQUEUED_AT] = time.time()
     properties = {k: v for k, v in letter.properties.items() if k in _KEPT_PROPERTIES and v is not None}
     properties["delivery_mode"] = 2
     return Outgoing(queues.TASK_EXCHANGE, target, letter.body, headers, properties)
@@ -459,11 +490,13 @@ def replay(
     max_replays: int = 3,
     force: bool = False,
     dry_run: bool = False,
+    batch: int = REPLAY_BATCH,
     progress: Callable[[DeadLetter, str], None] | None = None,
 ) -> Outcome:
     """Put matching dead letters of ``queue`` back on their work queue (or ``to``).
 
-    Each message is republished and confirmed before it is acked. A message
+    Each message is republished and confirmed before it is acked; with ``batch``
+    N > 1, N are confirmed at a time (faster; a kill may then duplicate up to N). A message
     already replayed ``max_replays`` times is refused unless ``force``. With
     ``dry_run`` nothing is published, acked or locked: the outcome lists what
     would be replayed.
@@ -479,7 +512,7 @@ def replay(
     publisher = None if dry_run else ConfirmedChannel(settings)
     pacer = _Pacer(rate)
     window: list[DeadLetter] = []
-    window_size = 1 if rate else REPLAY_WINDOW
+    window_size = 1 if rate else max(1, batch)
 
     def flush() -> bool:
         """Publish the window, then ack it; False (nothing acked) when the broker failed."""
@@ -568,7 +601,7 @@ def purge(
             if archive is not None:
                 archive.write(json.dumps(export_record(letter)) + "\n")
             batch.append(letter)
-            if len(batch) >= REPLAY_WINDOW:
+            if len(batch) >= BATCH:
                 flush()
         flush()
     finally:
@@ -693,6 +726,6 @@ def import_records(conn: Connection, settings: Settings, records: list[dict[str,
             # The dead-letter exchange routes by work queue name to its DLQ.
             outgoing.append(Outgoing(queues.DEAD_LETTER_EXCHANGE, work_queue_of(target), record["body"],
                                      record["headers"], properties))
-        return publisher.publish_many(outgoing, window=REPLAY_WINDOW)
+        return publisher.publish_many(outgoing, window=BATCH)
     finally:
         publisher.close()

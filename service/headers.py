@@ -31,6 +31,9 @@ DEAD_LETTERED_AT = "kit-dead-lettered-at"
 WORKER_LOST = "kit-worker-lost"
 #: Host name of the worker that dead-lettered the message.
 WORKER = "kit-worker"
+#: Epoch seconds when the message became (or becomes, after a wait) ready in its
+#: work queue: the start of its queue wait time.
+ENQUEUED_AT = "kit-enqueued-at"
 
 REASON_RETRIES_EXHAUSTED = "retries-exhausted"
 REASON_PERMANENT = "permanent-error"

@@ -58,6 +58,8 @@ class ConfirmedChannel:
         self._channel: amqp.Channel | None = None
         self._returned: list[tuple[int, str, str, str]] = []
         self._next_tag = 1
+        self._event_channel: amqp.Channel | None = None
+        self._events_broken = False
 
     # -- connection management -------------------------------------------------
 
@@ -83,6 +85,7 @@ class ConfirmedChannel:
         )
 
     def _drop(self) -> None:
+        self._event_channel = None
         conn, self._conn, self._channel = self._conn, None, None
         if conn is not None:
             try:
@@ -93,6 +96,7 @@ class ConfirmedChannel:
     def close(self) -> None:
         """Close the connection; the next publish opens a new one."""
         with self._lock:
+            self._event_channel = None
             conn, self._conn, self._channel = self._conn, None, None
             if conn is not None:
                 try:
@@ -101,6 +105,35 @@ class ConfirmedChannel:
                     pass
 
     # -- publishing --------------------------------------------------------------
+
+    def publish_events(self, events: Iterable[Outgoing]) -> None:
+        """Best effort, unconfirmed: publish monitoring events (Celery's task-sent).
+
+        Uses its own channel on the same connection, so confirms of task
+        messages are not mixed with them. Never raises: events are telemetry.
+        """
+        if self._events_broken:
+            return
+        with self._lock:
+            try:
+                if self._channel is None:
+                    return
+                if self._event_channel is None:
+                    channel = self._conn.channel()
+                    for name in {e.exchange for e in events}:
+                        # Declared exactly as Celery declares its event exchange.
+                        channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
+                    self._event_channel = channel
+                for event in events:
+                    self._event_channel.basic_publish(
+                        amqp.Message(event.body, application_headers=event.headers, **event.properties),
+                        event.exchange, event.routing_key,
+                    )
+            except amqp.exceptions.PreconditionFailed:
+                self._events_broken = True  # an incompatible event exchange: stop trying
+                self._event_channel = None
+            except Exception:  # noqa: BLE001 - telemetry must never fail a publish
+                self._event_channel = None
 
     def publish(self, message: Outgoing) -> None:
         """Publish one message and wait for the broker's confirm.

@@ -41,6 +41,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Largest encoded task body the client accepts. Pass a reference (a path or "
         "an id) for bigger data.",
     ),
+    Setting(
+        "KIT_SEND_SENT_EVENTS",
+        "true",
+        "The client also sends Celery's `task-sent` event (unconfirmed), so celery-exporter "
+        "counts sent tasks and labels them with their queue.",
+    ),
     Setting("KIT_SOFT_TIME_LIMIT", "300", "Seconds before SoftTimeLimitExceeded is raised inside a task."),
     Setting(
         "KIT_HARD_TIME_LIMIT",
@@ -63,6 +69,11 @@ SETTINGS: tuple[Setting, ...] = (
         "`dlq replay` refuses a dead letter replayed this many times already, unless `--force`.",
     ),
     Setting("KIT_CONCURRENCY", "2", "Worker processes per `python -m service worker`."),
+    Setting(
+        "KIT_METRICS_PORT",
+        "9810",
+        "Port of a worker's Prometheus endpoint (the kit's own metrics); 0 turns it off.",
+    ),
     Setting("KIT_LOG_LEVEL", "INFO", "Log level of workers and beat."),
     Setting(
         "KIT_TASK_MODULES",
@@ -84,6 +95,16 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "File holding the HMAC key used to sign webhook bodies (header "
         "`X-Signature-SHA256`); unsigned when empty.",
+    ),
+    Setting("SENTRY_DSN", "", "Sentry DSN of workers, beat and the client; Sentry is off when empty."),
+    Setting("SENTRY_ENVIRONMENT", "", "Sentry environment (Sentry's own default, `production`, when empty)."),
+    Setting("SENTRY_RELEASE", "", "Sentry release; when empty Sentry guesses it (e.g. from git)."),
+    Setting("SENTRY_TRACES_SAMPLE_RATE", "0", "Share of task runs sent to Sentry as performance traces, 0 to 1."),
+    Setting(
+        "SENTRY_SEND_TASK_ARGS",
+        "false",
+        "`true` sends task arguments and local variables to Sentry; they are scrubbed by default "
+        "(they carry e-mail addresses and tokens).",
     ),
 )
 
@@ -112,6 +133,15 @@ def _number(name: str, kind: type = float, minimum: float = 0) -> float:
     return value
 
 
+def _flag(name: str) -> bool:
+    raw = _raw(name).lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false.")
+
+
 @dataclass(frozen=True)
 class Settings:
     """A snapshot of the configuration, validated when it is read."""
@@ -120,6 +150,7 @@ class Settings:
     connect_timeout: float
     publish_timeout: float
     max_payload_bytes: int
+    send_sent_events: bool
     soft_time_limit: float
     hard_time_limit: float
     max_retries: int
@@ -128,6 +159,7 @@ class Settings:
     max_worker_lost: int
     max_replays: int
     concurrency: int
+    metrics_port: int
     log_level: str
     task_modules: tuple[str, ...]
     state_dir: Path
@@ -140,6 +172,11 @@ class Settings:
     cleanup_interval: float
     webhook_timeout: float
     webhook_secret_file: str
+    sentry_dsn: str
+    sentry_environment: str
+    sentry_release: str
+    sentry_traces_sample_rate: float
+    sentry_send_task_args: bool
 
 
 def load() -> Settings:
@@ -167,6 +204,7 @@ def load() -> Settings:
         connect_timeout=_number("KIT_CONNECT_TIMEOUT", minimum=0.1),
         publish_timeout=_number("KIT_PUBLISH_TIMEOUT", minimum=0.1),
         max_payload_bytes=int(_number("KIT_MAX_PAYLOAD_BYTES", int, minimum=1)),
+        send_sent_events=_flag("KIT_SEND_SENT_EVENTS"),
         soft_time_limit=soft,
         hard_time_limit=hard,
         max_retries=int(_number("KIT_MAX_RETRIES", int)),
@@ -175,6 +213,7 @@ def load() -> Settings:
         max_worker_lost=int(_number("KIT_MAX_WORKER_LOST", int, minimum=1)),
         max_replays=int(_number("KIT_MAX_REPLAYS", int)),
         concurrency=int(_number("KIT_CONCURRENCY", int, minimum=1)),
+        metrics_port=int(_number("KIT_METRICS_PORT", int)),
         log_level=_raw("KIT_LOG_LEVEL").upper(),
         task_modules=modules,
         state_dir=Path(_raw("KIT_STATE_DIR")),
@@ -187,6 +226,11 @@ def load() -> Settings:
         cleanup_interval=_number("KIT_CLEANUP_INTERVAL", minimum=1),
         webhook_timeout=_number("KIT_WEBHOOK_TIMEOUT", minimum=0.1),
         webhook_secret_file=_raw("KIT_WEBHOOK_SECRET_FILE"),
+        sentry_dsn=_raw("SENTRY_DSN"),
+        sentry_environment=_raw("SENTRY_ENVIRONMENT"),
+        sentry_release=_raw("SENTRY_RELEASE"),
+        sentry_traces_sample_rate=min(_number("SENTRY_TRACES_SAMPLE_RATE"), 1.0),
+        sentry_send_task_args=_flag("SENTRY_SEND_TASK_ARGS"),
     )
 
 

@@ -28,6 +28,7 @@ class Component:
     name: str
     argv: tuple[str, ...]
     description: str
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def components(demo: bool = False, demo_count: int = 300, demo_rate: float = 5.0) -> list[Component]:
@@ -35,10 +36,13 @@ def components(demo: bool = False, demo_count: int = 300, demo_rate: float = 5.0
     it never waits behind bulk work."""
     py = (sys.executable, "-m", "service")
     items = [
+        # Metrics ports match deploy/prometheus/targets/kit-workers.json.
         Component("worker-urgent", (*py, "worker", "--queues", "urgent", "--concurrency", "1",
-                                    "--name", "urgent@%h"), "worker for the urgent queue"),
+                                    "--name", "urgent@%h"), "worker for the urgent queue",
+                  env=(("KIT_METRICS_PORT", "9810"),)),
         Component("worker-default-bulk", (*py, "worker", "--queues", "default,bulk",
-                                          "--name", "default-bulk@%h"), "worker for default and bulk"),
+                                          "--name", "default-bulk@%h"), "worker for default and bulk",
+                  env=(("KIT_METRICS_PORT", "9811"),)),
         Component("beat", (*py, "beat"), "Celery beat (periodic clean-up)"),
     ]
     if demo:
@@ -75,7 +79,8 @@ def start(settings: Settings, component: Component) -> tuple[int, bool]:
     pid_file, log_file = _paths(settings, component.name)
     with log_file.open("ab") as log:
         process = subprocess.Popen(component.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   env={**os.environ, **dict(component.env)})
     pid_file.write_text(str(process.pid))
     return process.pid, True
 

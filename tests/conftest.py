@@ -38,6 +38,7 @@ def kit_env(vhost: Vhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
         "KIT_MAX_RETRIES": "3",
         "KIT_PUBLISH_TIMEOUT": "5",
         "KIT_CONNECT_TIMEOUT": "2",
+        "KIT_METRICS_PORT": "0",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)

@@ -119,3 +119,31 @@ def unpicklable_permanent(self, marker: str) -> None:
     """Fail with a declared non-retryable exception that Celery must wrap to pickle."""
     _record("attempt", marker)
     raise CardDeclined("card_declined", f"for {marker}")
+
+
+@app.task(name="test.until_fixed", bind=True, max_retries=1)
+def until_fixed(self, marker: str) -> str:
+    """Fail (a transient error) while the file ``fixed`` is missing from KIT_TEST_OUTPUT_DIR.
+
+    Once the file exists, fail as many more times as the number it holds (none
+    when it is empty), then succeed: a replayed task needs a fresh retry budget
+    to get through a last hiccup after the fix.
+    """
+    output = Path(os.environ["KIT_TEST_OUTPUT_DIR"])
+    _record("attempt", f"{marker}:{self.request.retries}")
+    fixed = output / "fixed"
+    if not fixed.exists():
+        raise ConnectionError(f"downstream still broken for {marker}")
+    _record("after_fix", marker)
+    hiccups = int(fixed.read_text().strip() or 0)
+    if recorded(output, "after_fix").count(marker) <= hiccups:
+        raise TimeoutError(f"downstream warming up for {marker}")
+    _record("done", marker)
+    return marker
+
+
+@app.task(name="test.secret_arguments", bind=True)
+def secret_arguments(self, email: str, token: str) -> None:
+    """Fail permanently while holding secrets in its arguments (not in its message): Sentry must not see them."""
+    _record("attempt", self.request.id)
+    raise PermanentError("the mail server refused the message")

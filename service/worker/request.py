@@ -25,6 +25,7 @@ from celery.worker import state
 from celery.worker.request import Request
 
 from service import headers as h
+from service.monitoring import metrics
 from service.retry_policy import decide
 from service.worker import routing
 from service.worker.task import arguments_do_not_fit
@@ -50,6 +51,14 @@ def _type_name(exc: BaseException) -> str:
 
 class ReliableRequest(Request):
     """Celery Request that retries through the broker and dead-letters with reasons."""
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        """A pool process took the task: record how long it waited in its queue."""
+        super().on_accepted(pid, time_accepted)
+        try:
+            metrics.observe_start(routing.source_queue(self._message), self.name, self._message.headers or {})
+        except Exception:  # noqa: BLE001 - metrics must never break task handling
+            logger.debug("could not record queue wait", exc_info=True)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Hard time limit: dead-letter with reason ``time-limit``, then let Celery ack."""

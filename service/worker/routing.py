@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from kombu.message import Message
@@ -21,6 +22,7 @@ from kombu.message import Message
 from service import headers as h
 from service import queues
 from service.errors import KitError
+from service.monitoring import metrics, sentry
 from service.publishing import ConfirmedChannel, Outgoing
 from service.settings import Settings, load
 from service.topology import connect, declare
@@ -98,12 +100,17 @@ def dead_letter(message: Message, reason: str, failure: dict[str, Any], *, worke
     headers[h.WORKER] = socket.gethostname()
     outgoing = Outgoing(queues.DEAD_LETTER_EXCHANGE, source, message.body, headers, _properties(message))
     sent = _send(outgoing, f"dead-letter {headers.get('task')}[{headers.get('id')}]")
-    if sent:
+    if not sent:
+        metrics.ROUTING_FAILURES.labels("dead-letter").inc()
+    else:
+        metrics.DEAD_LETTERS.labels(source, str(headers.get("task") or ""), reason).inc()
         logger.warning(
             "dead-lettered %s[%s] from %s: %s (%s: %s)",
             headers.get("task"), headers.get("id"), source, reason,
             headers.get(h.EXCEPTION_TYPE), headers.get(h.EXCEPTION_MESSAGE),
         )
+    # Also when the publish failed: RabbitMQ then dead-letters the message itself.
+    sentry.capture_dead_letter(headers, published=sent)
     return sent
 
 
@@ -123,9 +130,13 @@ def schedule_retry(message: Message, delay_s: float, failure: dict[str, Any], *,
     headers[queues.WAIT_HEADER] = queues.wait_tier_name(tier)
     props = _properties(message)
     props["expiration"] = str(max(1, int(delay_s * 1000)))
+    headers[h.ENQUEUED_AT] = time.time() + delay_s
     outgoing = Outgoing(queues.RETRY_EXCHANGE, source, message.body, headers, props)
     sent = _send(outgoing, f"schedule a retry of {headers.get('task')}[{headers.get('id')}]")
-    if sent:
+    if not sent:
+        metrics.ROUTING_FAILURES.labels("retry").inc()
+    else:
+        metrics.RETRIES.labels(source, str(headers.get("task") or "")).inc()
         logger.info(
             "retry %d of %s[%s] in %.1fs after %s",
             headers["retries"], headers.get("task"), headers.get("id"), delay_s, headers.get(h.EXCEPTION_TYPE),

@@ -1,0 +1,1 @@
+"""Observability: the kit's own Prometheus metrics and Sentry reporting."""

@@ -46,6 +46,7 @@ def make_app() -> Celery:
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.connect_timeout,
+        broker_use_ssl=settings.broker_ssl,
         # Workers publish retries and dead letters through their own confirmed
         # channel (service.worker.routing); here confirms would only slow down the
         # task events. Beat turns them on for its publishes (see _beat_setup).

@@ -68,6 +68,7 @@ class ConfirmedChannel:
             return self._channel
         conn = Connection(
             self._settings.broker_url,
+            ssl=self._settings.broker_ssl or False,
             connect_timeout=min(self._settings.connect_timeout, max(remaining, 0.1)),
             heartbeat=0,
         )

@@ -8,8 +8,11 @@ names, defaults and descriptions live in exactly one place.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Broker URL. Use the `pyamqp://` (or `amqps://`) scheme: plain `amqp://` "
         "silently switches to librabbitmq where it is installed.",
     ),
+    Setting(
+        "KIT_BROKER_PASSWORD_FILE",
+        "",
+        "File holding the broker password (a Docker/Kubernetes secret); it replaces the "
+        "password of KIT_BROKER_URL, so the URL can be written without one.",
+    ),
+    Setting(
+        "KIT_BROKER_CA_FILE",
+        "",
+        "CA bundle that signed the broker's certificate, for `amqps://` URLs (empty: the "
+        "system's CAs). The certificate and its host name are always verified.",
+    ),
+    Setting("KIT_BROKER_CLIENT_CERT_FILE", "", "Client certificate for `amqps://` with mutual TLS (optional)."),
+    Setting("KIT_BROKER_CLIENT_KEY_FILE", "", "Key of the client certificate (optional)."),
     Setting("KIT_CONNECT_TIMEOUT", "5", "Seconds to wait for a TCP/AMQP connection to the broker."),
     Setting(
         "KIT_PUBLISH_TIMEOUT",
@@ -133,6 +150,39 @@ def _number(name: str, kind: type = float, minimum: float = 0) -> float:
     return value
 
 
+def _with_password_file(url: str) -> str:
+    path = _raw("KIT_BROKER_PASSWORD_FILE")
+    if not path:
+        return url
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"KIT_BROKER_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}.") from None
+    scheme, rest = url.split("://", 1)
+    if "@" in rest:
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+    else:
+        raise ConfigError("KIT_BROKER_PASSWORD_FILE is set but KIT_BROKER_URL names no user (user@host).")
+    return f"{scheme}://{user}:{quote(password, safe='')}@{host}"
+
+
+def _broker_ssl(url: str, scheme: str) -> dict[str, Any] | None:
+    """TLS options for amqps:// URLs: the server's certificate and host name are verified."""
+    if scheme != "amqps":
+        return None
+    host = urlsplit(url).hostname or ""
+    options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": host}
+    for name, key in (("KIT_BROKER_CA_FILE", "ca_certs"), ("KIT_BROKER_CLIENT_CERT_FILE", "certfile"),
+                      ("KIT_BROKER_CLIENT_KEY_FILE", "keyfile")):
+        path = _raw(name)
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(f"{name}={path!r} does not exist.")
+            options[key] = path
+    return options
+
+
 def _flag(name: str) -> bool:
     raw = _raw(name).lower()
     if raw in ("1", "true", "yes", "on"):
@@ -147,6 +197,7 @@ class Settings:
     """A snapshot of the configuration, validated when it is read."""
 
     broker_url: str
+    broker_ssl: dict[str, Any] | None
     connect_timeout: float
     publish_timeout: float
     max_payload_bytes: int
@@ -199,8 +250,10 @@ def load() -> Settings:
             f"({soft:g}) so a task gets the chance to clean up."
         )
     modules = tuple(m.strip() for m in _raw("KIT_TASK_MODULES").split(",") if m.strip())
+    url = _with_password_file(url)
     return Settings(
         broker_url=url,
+        broker_ssl=_broker_ssl(url, scheme),
         connect_timeout=_number("KIT_CONNECT_TIMEOUT", minimum=0.1),
         publish_timeout=_number("KIT_PUBLISH_TIMEOUT", minimum=0.1),
         max_payload_bytes=int(_number("KIT_MAX_PAYLOAD_BYTES", int, minimum=1)),

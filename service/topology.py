@@ -50,7 +50,7 @@ class Drift:
 
 def connect(settings: Settings) -> Connection:
     """Open a kombu connection to the broker, or raise BrokerUnavailable."""
-    conn = Connection(settings.broker_url, connect_timeout=settings.connect_timeout)
+    conn = Connection(settings.broker_url, connect_timeout=settings.connect_timeout, ssl=settings.broker_ssl or False)
     try:
         conn.connect()
     except Exception as exc:  # noqa: BLE001 - every failure here means "broker not reachable"

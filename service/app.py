@@ -18,6 +18,7 @@ from kombu import Exchange
 from kombu import Queue as KombuQueue
 
 from service import queues
+from service.broker import declare_topology_enabled
 from service.errors import BrokerUnavailable, TopologyConflict
 from service.settings import load
 
@@ -40,7 +41,10 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
 def make_app() -> Celery:
     """Build the Celery app from the current environment."""
     settings = load()
-    task_exchange = Exchange(queues.TASK_EXCHANGE, type="direct", durable=True)
+    # KIT_DECLARE_TOPOLOGY=false: the queues come from the broker's definitions and
+    # the worker's user may not declare them (service.broker), so never try.
+    no_declare = not declare_topology_enabled()
+    task_exchange = Exchange(queues.TASK_EXCHANGE, type="direct", durable=True, no_declare=no_declare)
     app = Celery("service", task_cls="service.worker.task:ReliableTask")
     app.conf.update(
         broker_url=settings.broker_url,
@@ -58,6 +62,7 @@ def make_app() -> Celery:
                 routing_key=q.binding_key,
                 queue_arguments=dict(q.arguments),
                 durable=True,
+                no_declare=no_declare,
             )
             for q in queues.WORK_QUEUES
         ],
@@ -136,6 +141,8 @@ def _declare_topology(**_: Any) -> None:
     """Declare the whole topology before consuming, so dead letters have somewhere to go."""
     from service.topology import connect, declare
 
+    if not declare_topology_enabled():
+        return  # least privilege: the topology comes from the broker's definitions
     try:
         conn = connect(load())
     except BrokerUnavailable as exc:

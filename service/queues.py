@@ -133,6 +133,21 @@ EXCHANGES: MappingProxyType[str, str] = MappingProxyType(
     {TASK_EXCHANGE: "direct", RETRY_EXCHANGE: "headers", DEAD_LETTER_EXCHANGE: "direct"}
 )
 
+# Celery's own names (fixed by Celery and kombu, not chosen here). The broker
+# users' permissions (service.broker) allow exactly these besides the kit's.
+#: Topic exchange of Celery's task and worker events (celery-exporter, Flower).
+EVENT_EXCHANGE = "celeryev"
+EVENT_EXCHANGE_TYPE = "topic"
+#: Prefix of the auto-delete queues that receive events: celeryev.<uuid>.
+EVENT_QUEUE_PREFIX = "celeryev."
+#: Fanout exchange of remote control and inspect broadcasts.
+PIDBOX_EXCHANGE = "celery.pidbox"
+#: Direct exchange their replies go through.
+PIDBOX_REPLY_EXCHANGE = "reply.celery.pidbox"
+#: Suffix of a worker's control queue (<node>.celery.pidbox) and, after "reply",
+#: of a reply queue (<uuid>.reply.celery.pidbox).
+PIDBOX_QUEUE_SUFFIX = ".celery.pidbox"
+
 #: Which work queue a task goes to when the publisher names none. Keys are task
 #: names or prefixes ending in "*"; unlisted tasks go to DEFAULT_QUEUE.
 TASK_ROUTES: MappingProxyType[str, str] = MappingProxyType(

@@ -45,6 +45,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KIT_BROKER_CLIENT_CERT_FILE", "", "Client certificate for `amqps://` with mutual TLS (optional)."),
     Setting("KIT_BROKER_CLIENT_KEY_FILE", "", "Key of the client certificate (optional)."),
+    Setting(
+        "KIT_DECLARE_TOPOLOGY",
+        "true",
+        "Workers declare the exchanges and queues of service/queues.py at start. Least-privilege "
+        "workers (the kit-worker user, `python -m service broker`) run with `false`: the topology "
+        "then comes from the broker's definitions, and the worker needs no right to change it.",
+    ),
     Setting("KIT_CONNECT_TIMEOUT", "5", "Seconds to wait for a TCP/AMQP connection to the broker."),
     Setting(
         "KIT_PUBLISH_TIMEOUT",

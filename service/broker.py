@@ -1,0 +1,285 @@
+"""Broker users, permissions and topology as RabbitMQ definitions: no guest user.
+
+One vhost and one user per role, each allowed only what its job needs
+(``PERMISSIONS`` below; deploy/rabbitmq/definitions-README.md explains every
+regex and what was verified on a real broker)::
+
+    kit-admin      administrator: provisioning, dead-letter operations, the UI
+    kit-publisher  web apps (service.client): publish tasks; nothing else
+    kit-worker     Celery workers: consume the work queues, publish retries and
+                   dead letters, Celery's events and remote control
+    kit-monitor    celery-exporter and Prometheus: read-only, cannot publish tasks
+
+The definitions also hold the whole topology of ``service.queues``, so it
+exists without any client needing the right to declare (configure) it: workers
+run with ``KIT_DECLARE_TOPOLOGY=false``. Load them at boot (``load_definitions``
+in rabbitmq.conf) or post them with ``python -m service broker provision``.
+
+Passwords come from files, one per role, named ``rabbitmq_<role>_password``
+(``SECRET_FILE``), e.g. Docker/Kubernetes secrets under /run/secrets. Only
+their salted SHA-256 hashes go into the definitions, computed the way RabbitMQ
+does (``rabbit_password_hashing_sha256``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from service import queues
+from service.errors import BrokerUnavailable, KitError
+from service.settings import ConfigError
+
+ROLES: tuple[str, ...] = ("admin", "publisher", "worker", "monitor")
+DEFAULT_USER_PREFIX = "kit-"
+#: Secret file of a role's password, in the secrets directory.
+SECRET_FILE = "rabbitmq_{role}_password"
+HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
+#: Shortest password accepted, and values refused whatever their length.
+MIN_PASSWORD_LENGTH = 12
+_DEFAULT_PASSWORDS = {"guest", "admin", "password", "changeme", "change-me", "secret", "rabbitmq", "celery"}
+
+TAGS: dict[str, list[str]] = {
+    "admin": ["administrator"],
+    "publisher": [],
+    "worker": [],
+    "monitor": ["monitoring"],  # management API and UI read-only, for metrics
+}
+
+NOTHING = "^$"
+
+
+def _any_of(*patterns: str) -> str:
+    """An anchored regex matching exactly one of ``patterns`` (already regexes)."""
+    return "^(" + "|".join(patterns) + ")$"
+
+
+def _name(name: str) -> str:
+    return re.escape(name)
+
+
+# Celery's transient resources, by name (see service.queues).
+_EVENT_EXCHANGE = _name(queues.EVENT_EXCHANGE)
+_EVENT_QUEUES = _name(queues.EVENT_QUEUE_PREFIX) + ".+"  # celeryev.<uuid> (gossip, exporter, Flower)
+_PIDBOX = _name(queues.PIDBOX_EXCHANGE)
+_PIDBOX_REPLY = _name(queues.PIDBOX_REPLY_EXCHANGE)
+_PIDBOX_QUEUES = ".+" + _name(queues.PIDBOX_QUEUE_SUFFIX)  # <node>.celery.pidbox and <uuid>.reply.celery.pidbox
+_REPLY_QUEUES = ".+\\." + _PIDBOX_REPLY  # <uuid>.reply.celery.pidbox only
+_CELERY_OWN = (_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX, _PIDBOX_REPLY, _PIDBOX_QUEUES)
+
+#: role -> the configure, write and read regexes of RabbitMQ's permissions.
+#: RabbitMQ checks: declare and delete need configure on the resource; publish
+#: needs write on the exchange; consume, get and purge need read on the queue;
+#: bind needs write on the queue and read on the exchange. A passive declare
+#: needs none of them.
+PERMISSIONS: dict[str, dict[str, str]] = {
+    "admin": {"configure": ".*", "write": ".*", "read": ".*"},
+    "publisher": {
+        "configure": NOTHING,
+        # Tasks, tasks with a countdown (wait queues), Celery's task-sent event.
+        "write": _any_of(_name(queues.TASK_EXCHANGE), _name(queues.RETRY_EXCHANGE), _EVENT_EXCHANGE),
+        "read": NOTHING,
+    },
+    "worker": {
+        # Nothing of the kit's: only Celery's events and remote control (pidbox).
+        "configure": _any_of(*_CELERY_OWN),
+        "write": _any_of(_name(queues.RETRY_EXCHANGE), _name(queues.DEAD_LETTER_EXCHANGE), *_CELERY_OWN),
+        "read": _any_of(*(_name(n) for n in queues.WORK_QUEUE_NAMES), *_CELERY_OWN),
+    },
+    "monitor": {
+        # Its own event queue and inspect broadcasts with their reply queue.
+        "configure": _any_of(_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX, _PIDBOX_REPLY, _REPLY_QUEUES),
+        "write": _any_of(_PIDBOX, _EVENT_QUEUES, _REPLY_QUEUES),
+        "read": _any_of(_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX_REPLY, _REPLY_QUEUES),
+    },
+}
+
+#: Routing keys a role may publish to the (topic) event exchange: the client
+#: sends only task-sent, workers task-* and worker-* events. No entry: none may.
+EVENT_TOPIC_WRITE: dict[str, str] = {
+    "publisher": "^task\\.sent$",
+    "worker": "^(task|worker)\\..+$",
+    "admin": ".*",
+}
+
+
+def user_name(role: str, user_prefix: str = DEFAULT_USER_PREFIX) -> str:
+    """The broker user of ``role``, e.g. kit-worker."""
+    return f"{user_prefix}{role}"
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password)), 4-byte salt."""
+    salt = os.urandom(4) if salt is None else salt
+    if len(salt) != 4:
+        raise ValueError("RabbitMQ's password salt is 4 bytes")
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode("utf-8")).digest()).decode("ascii")
+
+
+def check_password(password: str, hashed: str) -> bool:
+    """Whether ``password`` matches a rabbit_password_hashing_sha256 hash."""
+    raw = base64.b64decode(hashed)
+    return password_hash(password, raw[:4]) == hashed
+
+
+def _topology(vhost: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    exchanges = [
+        {"name": name, "vhost": vhost, "type": kind, "durable": True, "auto_delete": False,
+         "internal": False, "arguments": {}}
+        for name, kind in {**queues.EXCHANGES, queues.EVENT_EXCHANGE: queues.EVENT_EXCHANGE_TYPE}.items()
+    ]
+    declared = [
+        {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(q.arguments)}
+        for q in queues.ALL_QUEUES
+    ]
+    bindings = [
+        {"source": q.exchange, "vhost": vhost, "destination": q.name, "destination_type": "queue",
+         "routing_key": q.binding_key, "arguments": dict(q.binding_arguments)}
+        for q in queues.ALL_QUEUES
+    ]
+    return exchanges, declared, bindings
+
+
+def definitions(vhost: str, passwords: dict[str, str], user_prefix: str = DEFAULT_USER_PREFIX) -> dict[str, Any]:
+    """RabbitMQ definitions (GET/POST /api/definitions, ``load_definitions``) of the kit.
+
+    ``passwords`` maps each role of ROLES to its password; only salted hashes
+    are put in the result. Raises ConfigError when a role is missing or a
+    password is unusable.
+    """
+    missing = [r for r in ROLES if r not in passwords]
+    if missing:
+        raise ConfigError(f"no password for the broker role(s) {', '.join(missing)}")
+    for role in ROLES:
+        _check_password(role, passwords[role])
+    if not vhost or "/" in vhost and vhost != "/":
+        raise ConfigError(f"vhost {vhost!r} is not a usable vhost name")
+    users = [
+        {"name": user_name(role, user_prefix), "password_hash": password_hash(passwords[role]),
+         "hashing_algorithm": HASHING_ALGORITHM, "tags": TAGS[role], "limits": {}}
+        for role in ROLES
+    ]
+    permissions = [{"user": user_name(role, user_prefix), "vhost": vhost, **PERMISSIONS[role]} for role in ROLES]
+    topic_permissions = [
+        {"user": user_name(role, user_prefix), "vhost": vhost, "exchange": queues.EVENT_EXCHANGE,
+         "write": EVENT_TOPIC_WRITE.get(role, NOTHING), "read": ".*"}
+        for role in ROLES
+    ]
+    exchanges, declared, bindings = _topology(vhost)
+    return {
+        "users": users,
+        "vhosts": [{"name": vhost}],
+        "permissions": permissions,
+        "topic_permissions": topic_permissions,
+        "parameters": [],
+        "policies": [],
+        "queues": declared,
+        "exchanges": exchanges,
+        "bindings": bindings,
+    }
+
+
+def _check_password(role: str, password: str) -> None:
+    if not isinstance(password, str) or not password:
+        raise ConfigError(f"the password of the broker role {role!r} is empty")
+    if password.strip().lower() in _DEFAULT_PASSWORDS:
+        raise ConfigError(f"the password of the broker role {role!r} is a well-known default; generate one")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ConfigError(
+            f"the password of the broker role {role!r} has {len(password)} characters; use at least "
+            f"{MIN_PASSWORD_LENGTH} (e.g. `openssl rand -base64 24`)"
+        )
+
+
+def read_passwords(secrets_dir: str | Path, roles: tuple[str, ...] = ROLES) -> dict[str, str]:
+    """Read each role's password from ``<secrets_dir>/rabbitmq_<role>_password``.
+
+    Surrounding whitespace (a trailing newline) is dropped, as KIT_BROKER_PASSWORD_FILE
+    does. Raises ConfigError naming the file when one is missing, unreadable or empty.
+    """
+    directory = Path(secrets_dir)
+    if not directory.is_dir():
+        raise ConfigError(f"the secrets directory {str(directory)!r} does not exist")
+    passwords: dict[str, str] = {}
+    for role in roles:
+        path = directory / SECRET_FILE.format(role=role)
+        try:
+            password = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{path} is missing: write the {role} user's broker password there "
+                f"(files: {', '.join(SECRET_FILE.format(role=r) for r in roles)})"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        if not password:
+            raise ConfigError(f"{path} is empty: write the {role} user's broker password there")
+        _check_password(role, password)
+        passwords[role] = password
+    return passwords
+
+
+def write_definitions(defs: dict[str, Any], out: str | Path) -> None:
+    """Write definitions as JSON readable by their owner only (they hold password hashes)."""
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        json.dump(defs, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+class ProvisioningError(KitError):
+    """The management API refused the definitions."""
+
+
+def provision(defs: dict[str, Any], management_url: str, admin_user: str, admin_password: str,
+              timeout: float = 30) -> None:
+    """POST the definitions to RabbitMQ's management API (idempotent: re-posting changes nothing but hashes).
+
+    Raises BrokerUnavailable when the API cannot be reached, ProvisioningError
+    when it refuses (bad credentials, a queue that exists with other arguments).
+    """
+    url = management_url.rstrip("/") + "/api/definitions"
+    request = urllib.request.Request(url, data=json.dumps(defs).encode(), method="POST")
+    token = base64.b64encode(f"{admin_user}:{admin_password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        hint = ""
+        if exc.code == 401:
+            hint = f" (the management API refused the user {admin_user!r}: wrong password or not an administrator)"
+        raise ProvisioningError(f"POST {url} answered {exc.code}{hint}: {detail[:500]}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ's management API at {management_url}: {reason}. "
+            "Check KIT_ADMIN_URL / --management-url and that the management plugin is enabled."
+        ) from None
+
+
+def declare_topology_enabled() -> bool:
+    """KIT_DECLARE_TOPOLOGY: whether workers declare the topology themselves (needs configure rights)."""
+    from service.settings import _flag
+
+    return _flag("KIT_DECLARE_TOPOLOGY")
+
+
+def management_url_without_credentials(url: str) -> str:
+    """The management URL with any user:password@ removed (for messages)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))

@@ -27,8 +27,7 @@ case "${1:-start}" in
         rabbitmq-plugins -q enable rabbitmq_management rabbitmq_prometheus >/dev/null
         # The management API answers a little after the plugin is enabled.
         for _ in $(seq 1 30); do
-            if curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1 \
-               || python3 -c "import urllib.request,base64;r=urllib.request.Request('http://127.0.0.1:15672/api/overview');r.add_header('Authorization','Basic '+base64.b64encode(b'guest:guest').decode());urllib.request.urlopen(r,timeout=2)" 2>/dev/null; then
+            if rabbitmq-diagnostics -q check_port_listener 15672 >/dev/null 2>&1; then
                 echo ">> RabbitMQ is up (AMQP 5672, management http://127.0.0.1:15672)"
                 exit 0
             fi

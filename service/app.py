@@ -34,8 +34,13 @@ TASK_MODULES = (
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:
-    """Celery router that applies ``queues.TASK_ROUTES`` (shared with the client)."""
-    return {"queue": queues.queue_for_task(name)}
+    """Celery router that applies ``queues.TASK_ROUTES`` (shared with the client).
+
+    Names the task exchange too: otherwise Celery publishes through the default
+    exchange (amq.default), which the broker's publisher user may not write to.
+    """
+    queue = queues.queue_for_task(name)
+    return {"queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": queue}
 
 
 def make_app() -> Celery:

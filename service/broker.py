@@ -45,7 +45,8 @@ SECRET_FILE = "rabbitmq_{role}_password"
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 #: Shortest password accepted, and values refused whatever their length.
 MIN_PASSWORD_LENGTH = 12
-_DEFAULT_PASSWORDS = {"guest", "admin", "password", "changeme", "change-me", "secret", "rabbitmq", "celery"}
+_WELL_KNOWN = re.compile(r"(?i)^(guest|admin|administrator|root|password|secret|rabbitmq?|celery|kit|"
+                         r"change[-_ ]?me.*|1234.*|letmein|test)$")
 
 TAGS: dict[str, list[str]] = {
     "admin": ["administrator"],
@@ -160,8 +161,8 @@ def definitions(vhost: str, passwords: dict[str, str], user_prefix: str = DEFAUL
         raise ConfigError(f"no password for the broker role(s) {', '.join(missing)}")
     for role in ROLES:
         _check_password(role, passwords[role])
-    if not vhost or "/" in vhost and vhost != "/":
-        raise ConfigError(f"vhost {vhost!r} is not a usable vhost name")
+    if not vhost:
+        raise ConfigError("the vhost name is empty")
     users = [
         {"name": user_name(role, user_prefix), "password_hash": password_hash(passwords[role]),
          "hashing_algorithm": HASHING_ALGORITHM, "tags": TAGS[role], "limits": {}}
@@ -190,7 +191,7 @@ def definitions(vhost: str, passwords: dict[str, str], user_prefix: str = DEFAUL
 def _check_password(role: str, password: str) -> None:
     if not isinstance(password, str) or not password:
         raise ConfigError(f"the password of the broker role {role!r} is empty")
-    if password.strip().lower() in _DEFAULT_PASSWORDS:
+    if _WELL_KNOWN.match(password.strip()):
         raise ConfigError(f"the password of the broker role {role!r} is a well-known default; generate one")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ConfigError(
@@ -240,33 +241,83 @@ class ProvisioningError(KitError):
     """The management API refused the definitions."""
 
 
-def provision(defs: dict[str, Any], management_url: str, admin_user: str, admin_password: str,
-              timeout: float = 30) -> None:
-    """POST the definitions to RabbitMQ's management API (idempotent: re-posting changes nothing but hashes).
-
-    Raises BrokerUnavailable when the API cannot be reached, ProvisioningError
-    when it refuses (bad credentials, a queue that exists with other arguments).
-    """
-    url = management_url.rstrip("/") + "/api/definitions"
-    request = urllib.request.Request(url, data=json.dumps(defs).encode(), method="POST")
+def _management(method: str, management_url: str, path: str, admin_user: str, admin_password: str,
+                body: Any = None, timeout: float = 30) -> Any:
+    url = management_url.rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
     token = base64.b64encode(f"{admin_user}:{admin_password}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
+            payload = response.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace").strip()
         hint = ""
         if exc.code == 401:
             hint = f" (the management API refused the user {admin_user!r}: wrong password or not an administrator)"
-        raise ProvisioningError(f"POST {url} answered {exc.code}{hint}: {detail[:500]}") from None
+        raise ProvisioningError(f"{method} {url} answered {exc.code}{hint}: {detail[:500]}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise BrokerUnavailable(
             f"cannot reach RabbitMQ's management API at {management_url}: {reason}. "
             "Check KIT_ADMIN_URL / --management-url and that the management plugin is enabled."
         ) from None
+    return json.loads(payload) if payload else None
+
+
+def drift(defs: dict[str, Any], live_queues: list[dict[str, Any]], live_exchanges: list[dict[str, Any]]) -> list[str]:
+    """How the live queues and exchanges of a vhost differ from the definitions (empty: they match).
+
+    RabbitMQ's definitions import keeps an existing queue or exchange as it is,
+    silently, when its arguments differ; this finds such leftovers.
+    """
+    problems = []
+    queues_by_name = {q["name"]: q for q in live_queues}
+    for wanted in defs["queues"]:
+        live = queues_by_name.get(wanted["name"])
+        if live is None:
+            problems.append(f"queue {wanted['name']!r} is missing")
+        elif live.get("arguments", {}) != wanted["arguments"] or live.get("durable") != wanted["durable"]:
+            problems.append(f"queue {wanted['name']!r} has arguments {live.get('arguments')} "
+                            f"(durable={live.get('durable')}), the kit wants {wanted['arguments']}")
+    exchanges_by_name = {e["name"]: e for e in live_exchanges}
+    for wanted in defs["exchanges"]:
+        live = exchanges_by_name.get(wanted["name"])
+        if live is None:
+            problems.append(f"exchange {wanted['name']!r} is missing")
+        elif (live.get("type"), live.get("durable")) != (wanted["type"], wanted["durable"]):
+            problems.append(f"exchange {wanted['name']!r} is {live.get('type')} (durable={live.get('durable')}), "
+                            f"the kit wants {wanted['type']}")
+    return problems
+
+
+def provision(defs: dict[str, Any], management_url: str, admin_user: str, admin_password: str,
+              timeout: float = 30) -> None:
+    """POST the definitions to RabbitMQ's management API, then check the topology took.
+
+    Idempotent: posting again only renews the password hashes. Raises
+    BrokerUnavailable when the API cannot be reached, ProvisioningError when it
+    refuses (bad credentials, not an administrator) or when a queue or exchange
+    already exists with other arguments (RabbitMQ keeps it as it is).
+    """
+    _management("POST", management_url, "/api/definitions", admin_user, admin_password, defs, timeout)
+    for vhost in {v["name"] for v in defs["vhosts"]}:
+        quoted = urllib.parse.quote(vhost, safe="")
+        problems = drift(
+            {"queues": [q for q in defs["queues"] if q["vhost"] == vhost],
+             "exchanges": [e for e in defs["exchanges"] if e["vhost"] == vhost]},
+            _management("GET", management_url, f"/api/queues/{quoted}", admin_user, admin_password, timeout=timeout),
+            _management("GET", management_url, f"/api/exchanges/{quoted}", admin_user, admin_password,
+                        timeout=timeout),
+        )
+        if problems:
+            raise ProvisioningError(
+                f"users and permissions are in place, but vhost {vhost!r} holds an older topology that "
+                f"RabbitMQ kept: {'; '.join(problems)}. Stop their consumers, move or drain their messages, "
+                f"delete them (rabbitmqctl delete_queue NAME -p {vhost}), then provision again."
+            )
 
 
 def declare_topology_enabled() -> bool:
@@ -275,11 +326,3 @@ def declare_topology_enabled() -> bool:
 
     return _flag("KIT_DECLARE_TOPOLOGY")
 
-
-def management_url_without_credentials(url: str) -> str:
-    """The management URL with any user:password@ removed (for messages)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))

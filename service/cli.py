@@ -240,72 +240,169 @@ def demo(count: int, rate: float, webhook_url: str) -> None:
 
 @main.group()
 def stack() -> None:
-    """Run the local stack without Docker: workers, beat and demo traffic."""
+    """Run docker-compose.yml's services on this machine without Docker.
+
+    The same commands, flags, environment and config files as docker-compose.yml
+    (see service/stack.py): workers, beat, celery-exporter, Prometheus,
+    Alertmanager, Flower, and with --demo a steady mix of demo tasks. RabbitMQ is
+    Debian's (scripts/broker.sh); KIT_STATE_DIR holds pids, logs, data and secrets.
+    """
+
+
+def _local_stack(port_offset: int | None = None, vhost: str | None = None, user_prefix: str | None = None,
+                 demo: bool = False) -> Any:
+    """The stack of KIT_STATE_DIR: the options given, else those of its last `up`."""
+    from service import stack as local
+
+    settings = load()
+    saved = local.saved_options(settings.state_dir) or local.Options()
+    options = local.Options(
+        port_offset=saved.port_offset if port_offset is None else port_offset,
+        vhost=vhost or saved.vhost,
+        user_prefix=user_prefix or saved.user_prefix,
+        demo=demo,
+    )
+    current = local.Stack(settings.state_dir, saved)
+    running = [c.name for c in current.all_components() if local.running_pid(current, c.name)]
+    changed = (options.port_offset, options.vhost, options.user_prefix) != (
+        saved.port_offset, saved.vhost, saved.user_prefix)
+    if running and changed:
+        raise local.StackError(
+            f"the stack in {settings.state_dir} runs with port offset {saved.port_offset}, vhost "
+            f"{current.vhost!r}, user prefix {current.user_prefix!r} ({', '.join(running)}); "
+            "run `stack down` first to change them")
+    if "demo" in running:
+        options = local.Options(options.port_offset, options.vhost, options.user_prefix, demo=True)
+    return local.Stack(settings.state_dir, options)
+
+
+def _show_health(name: str, pid: int | None, healthy: bool, detail: str) -> None:
+    if not pid:
+        click.echo(f"{name:22} NOT RUNNING" + ("" if detail == "not running" else f": {detail}"))
+    elif healthy:
+        click.echo(f"{name:22} running, pid {pid:<7} healthy")
+    else:
+        click.echo(f"{name:22} running, pid {pid:<7} UNHEALTHY: {detail}")
+
+
+def _show_urls(current: Any) -> None:
+    for name, url in current.urls().items():
+        click.echo(f"{name:22} {url}")
+    click.echo(f"{'log in to RabbitMQ as':22} {current.user('admin')} "
+               f"(password in {current.secrets_dir / 'rabbitmq_admin_password'})")
+    click.echo(f"{'logs':22} {current.log_dir}")
 
 
 @stack.command("up")
-@click.option("--demo", is_flag=True, help="Also publish a stream of mixed demo tasks.")
-@click.option("--demo-count", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--demo-rate", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--demo", is_flag=True, help="Also run the demo service: a steady mix of tasks (mostly succeeding, "
+                                           "some retried, some dead-lettered, mixed priorities).")
+@click.option("--port-offset", type=click.IntRange(0, 50000),
+              help="Add this to every port the stack's processes listen on (default 0, or the last `up`'s).")
+@click.option("--vhost", help="RabbitMQ vhost (default: docker-compose.yml's, or the last `up`'s).")
+@click.option("--user-prefix", help="Prefix of the broker users (default kit-: kit-worker, kit-monitor, ...).")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=120, show_default=True,
+              help="Seconds to wait for every component to pass its health check.")
 @_friendly_errors
-def stack_up(demo: bool, demo_count: int, demo_rate: float) -> None:
-    """Start RabbitMQ if needed, declare the topology, start what is not running."""
+def stack_up(demo: bool, port_offset: int | None, vhost: str | None, user_prefix: str | None,
+             wait_seconds: float) -> None:
+    """Start RabbitMQ if needed, provision its users and topology, start what is not running.
+
+    Running it again is harmless: what runs keeps running. Exits 1 when a
+    component is not healthy within --wait seconds.
+    """
+    from service import stack as local
+
+    current = _local_stack(port_offset, vhost, user_prefix, demo)
+    with local.locked(current):
+        _stack_up(current, wait_seconds)
+
+
+def _stack_up(current: Any, wait_seconds: float) -> None:
+    import socket
     import subprocess
 
     from service import stack as local
-    from service.errors import BrokerUnavailable
-    from service.topology import connect, declare
 
-    settings = load()
-    try:
-        conn = connect(settings)
-    except BrokerUnavailable:
-        click.echo("broker not reachable: starting RabbitMQ with scripts/broker.sh")
-        subprocess.run(["bash", str(local.REPO / "scripts" / "broker.sh"), "start"], check=True)
-        conn = connect(settings)
-    try:
-        declare(conn)
-    finally:
-        conn.release()
-    for component in local.components(demo, demo_count, demo_rate):
-        pid, started = local.start(settings, component)
+    admin_url = load().broker_url
+    # AMQP, the management API and the prometheus plugin: scripts/broker.sh starts
+    # the broker if needed and enables the plugins.
+    for port in (5672, 15672, 15692):
+        try:
+            socket.create_connection((current.host, current.local_port("rabbitmq", port)), timeout=3).close()
+        except OSError:
+            closed = port
+            break
+    else:
+        closed = None
+    if closed:
+        click.echo(f"RabbitMQ does not answer on port {closed}: running scripts/broker.sh start")
+        if subprocess.run(["bash", str(local.REPO / "scripts" / "broker.sh"), "start"]).returncode != 0:
+            raise local.StackError("scripts/broker.sh could not start RabbitMQ (see its output above)")
+    local.make_secrets(current)
+    admin = local.provision(current, admin_url)
+    click.echo(f"{'rabbitmq':22} vhost {current.vhost}: users {current.user('admin')}, "
+               f"{current.user('publisher')}, {current.user('worker')}, {current.user('monitor')} "
+               f"and the topology provisioned (as {admin})")
+    current.prepare_files()
+    local.save_options(current)
+    components = current.components()
+    for component in components:
+        pid, started = local.start(current, component)
         click.echo(f"{component.name:22} pid {pid:<7} {'started' if started else 'already running'}")
-    click.echo(f"logs in {settings.state_dir / 'log'}; RabbitMQ management: http://127.0.0.1:15672 (local only)")
+    click.echo(f"waiting up to {wait_seconds:g}s for the health checks ...")
+    results = local.wait_healthy(current, components, wait_seconds)
+    unhealthy = 0
+    for component in components:
+        healthy, detail = results[component.name]
+        unhealthy += not healthy
+        _show_health(component.name, local.running_pid(current, component.name), healthy, detail)
+    _show_urls(current)
+    if unhealthy:
+        click.echo(f"{unhealthy} component(s) not healthy; see their logs in {current.log_dir}", err=True)
+        sys.exit(EXIT_DRIFT)
 
 
 @stack.command("down")
 @_friendly_errors
 def stack_down() -> None:
-    """Stop (warm shutdown) the processes that `stack up` started. RabbitMQ keeps running."""
+    """Stop the processes that `stack up` started (workers: warm shutdown). RabbitMQ keeps running."""
     from service import stack as local
 
-    settings = load()
-    for component in local.components(demo=True):
-        stopped = local.stop(settings, component.name)
-        click.echo(f"{component.name:22} {'stopped' if stopped else 'not running'}")
+    current = _local_stack()
+    with local.locked(current):
+        components = current.all_components()
+        for component in reversed(components):
+            stopped = local.stop(current, component)
+            click.echo(f"{component.name:22} {'stopped' if stopped else 'not running'}")
+        for name in local.started_names(current):  # started from an older docker-compose.yml
+            if name not in {c.name for c in components} and local.stop_name(current, name):
+                click.echo(f"{name:22} stopped")
 
 
 @stack.command("status")
 @_friendly_errors
 def stack_status() -> None:
-    """Show which processes run, whether the broker answers, and the queue depths."""
+    """What runs, what fails its health check, the broker's queue depths, the URLs. Exit 1 if anything is down."""
     from service import stack as local
-    from service.topology import connect
 
-    settings = load()
+    current = _local_stack()
     unhealthy = 0
-    for component in local.components(demo=True):
-        pid = local.running_pid(settings, component.name)
-        if not pid and component.name == "demo":
-            click.echo(f"{component.name:22} not running")
+    for component in current.all_components():
+        pid = local.running_pid(current, component.name)
+        if not pid and current.optional(component.name):
+            click.echo(f"{component.name:22} not running (only with stack up --demo)")
             continue
-        unhealthy += 0 if pid else 1
-        click.echo(f"{component.name:22} {'running, pid ' + str(pid) if pid else 'NOT RUNNING'}")
+        healthy, detail = local.health(current, component)
+        unhealthy += not healthy
+        _show_health(component.name, pid, healthy, detail)
     try:
-        conn = connect(settings)
-    except KitError as exc:
-        click.echo(f"broker                 UNREACHABLE: {exc}")
+        url = local.admin_broker_url(current)
+    except ConfigError:
+        click.echo(f"{'rabbitmq':22} NOT PROVISIONED: run `stack up`")
         sys.exit(EXIT_DRIFT)
+    from kombu import Connection
+
+    conn = Connection(url, connect_timeout=5)
     try:
         channel = conn.channel()
         for queue in queues.WORK_QUEUES + queues.DEAD_LETTER_QUEUES:
@@ -313,10 +410,82 @@ def stack_status() -> None:
             click.echo(f"queue {queue.name:16} ready {ready:<7} consumers {consumers}")
         waiting = sum(channel.queue_declare(q.name, passive=True)[1] for q in queues.WAIT_QUEUES)
         click.echo(f"waiting for retry      {waiting}")
+    except Exception as exc:  # noqa: BLE001 - any failure means the broker is not usable
+        click.echo(f"{'rabbitmq':22} UNREACHABLE as {current.user('admin')} in vhost {current.vhost}: {exc}")
+        unhealthy += 1
     finally:
         conn.release()
+    _show_urls(current)
     if unhealthy:
         sys.exit(EXIT_DRIFT)
+
+
+@main.group()
+def broker() -> None:
+    """Broker users, permissions and topology as RabbitMQ definitions (no guest user).
+
+    Passwords are read from DIR/rabbitmq_<role>_password for the roles admin,
+    publisher, worker and monitor (see deploy/rabbitmq/definitions-README.md).
+    """
+
+
+_secrets_dir = click.option("--secrets-dir", required=True, type=click.Path(file_okay=False),
+                            help="Directory of the rabbitmq_<role>_password files.")
+_vhost = click.option("--vhost", default="kit", show_default=True, help="The kit's vhost.")
+_user_prefix = click.option("--user-prefix", default="kit-", show_default=True,
+                            help="Prefix of the user names: <prefix>admin, <prefix>publisher, ...")
+
+
+@broker.command("definitions")
+@_secrets_dir
+@_vhost
+@_user_prefix
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="File to write (mode 0600: it holds password hashes); for load_definitions.")
+@_friendly_errors
+def broker_definitions(secrets_dir: str, vhost: str, user_prefix: str, out: str) -> None:
+    """Write the definitions: vhost, users, permissions and the whole topology."""
+    from service.broker import definitions, read_passwords, write_definitions
+
+    defs = definitions(vhost, read_passwords(secrets_dir), user_prefix)
+    write_definitions(defs, out)
+    click.echo(f"wrote {out}: vhost {vhost}, users {', '.join(u['name'] for u in defs['users'])}, "
+               f"{len(defs['exchanges'])} exchanges, {len(defs['queues'])} queues")
+
+
+@broker.command("provision")
+@_secrets_dir
+@_vhost
+@_user_prefix
+@click.option("--management-url", envvar="KIT_ADMIN_URL", default="http://127.0.0.1:15672", show_default=True,
+              help="RabbitMQ's management API (env KIT_ADMIN_URL), without credentials.")
+@click.option("--admin-user", envvar="KIT_ADMIN_USER", default="kit-admin", show_default=True,
+              help="An administrator of the broker (env KIT_ADMIN_USER).")
+@click.option("--admin-password-file", envvar="KIT_ADMIN_PASSWORD_FILE", type=click.Path(dir_okay=False),
+              help="File with that administrator's password (env KIT_ADMIN_PASSWORD_FILE; "
+                   "default: the admin role's file in --secrets-dir).")
+@_friendly_errors
+def broker_provision(secrets_dir: str, vhost: str, user_prefix: str, management_url: str, admin_user: str,
+                     admin_password_file: str | None) -> None:
+    """Create or update the vhost, users, permissions and topology over the management API (idempotent)."""
+    from pathlib import Path
+
+    from service.broker import SECRET_FILE, definitions, provision, read_passwords
+
+    if "@" in management_url.split("://", 1)[-1].split("/", 1)[0]:
+        raise ConfigError("--management-url/KIT_ADMIN_URL must not hold credentials; use --admin-password-file")
+    defs = definitions(vhost, read_passwords(secrets_dir), user_prefix)
+    path = Path(admin_password_file or Path(secrets_dir) / SECRET_FILE.format(role="admin"))
+    try:
+        admin_password = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"the admin password file {str(path)!r} cannot be read: {exc.strerror}") from None
+    if not admin_password:
+        raise ConfigError(f"the admin password file {str(path)!r} is empty")
+    provision(defs, management_url, admin_user, admin_password)
+    click.echo(f"provisioned vhost {vhost} at {management_url}: users "
+               f"{', '.join(u['name'] for u in defs['users'])}, {len(defs['exchanges'])} exchanges, "
+               f"{len(defs['queues'])} queues")
 
 
 _register_subcommands()

@@ -10,6 +10,7 @@ again, so a publish is at-least-once.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -122,8 +123,9 @@ class ConfirmedChannel:
                 if self._event_channel is None:
                     channel = self._conn.channel()
                     for name in {e.exchange for e in events}:
-                        # Declared exactly as Celery declares its event exchange.
-                        channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
+                        # Passive: the publisher user may not declare (configure) anything;
+                        # workers and the broker's definitions create the event exchange.
+                        channel.exchange_declare(name, "topic", durable=True, auto_delete=False, passive=True)
                     self._event_channel = channel
                 for event in events:
                     self._event_channel.basic_publish(
@@ -182,6 +184,20 @@ class ConfirmedChannel:
                 return
             except PublishError:
                 raise
+            except ssl.SSLCertVerificationError as exc:
+                self._drop()  # not transient: retrying cannot help
+                raise BrokerUnavailable(
+                    f"TLS certificate verification of the broker at {redact_url(self._settings.broker_url)} "
+                    f"failed: {exc.verify_message or exc}. Set KIT_BROKER_CA_FILE to the CA that signed the "
+                    "broker's certificate and use the host name the certificate names in KIT_BROKER_URL."
+                ) from None
+            except amqp.exceptions.AccessRefused as exc:
+                self._drop()  # a permission, not a transient failure
+                raise PublishError(
+                    f"the broker refused access to {redact_url(self._settings.broker_url)}: {exc}. "
+                    "Check the user and password of KIT_BROKER_URL and that user's permissions "
+                    "(`python -m service broker`)."
+                ) from None
             except amqp.exceptions.NotFound as exc:
                 self._drop()
                 raise PublishError(

@@ -27,9 +27,10 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "KIT_BROKER_URL",
-        "pyamqp://guest:guest@127.0.0.1:5672//",
-        "Broker URL. Use the `pyamqp://` (or `amqps://`) scheme: plain `amqp://` "
-        "silently switches to librabbitmq where it is installed.",
+        "pyamqp://kit-admin@127.0.0.1:5672/kit",
+        "Broker URL, without the password when KIT_BROKER_PASSWORD_FILE is set. Use the "
+        "`pyamqp://` (or `amqps://`) scheme: plain `amqp://` silently switches to librabbitmq "
+        "where it is installed. The default is the local stack's administrator (see README).",
     ),
     Setting(
         "KIT_BROKER_PASSWORD_FILE",

@@ -1,110 +1,852 @@
-"""The local stack without Docker: workers, beat and demo traffic as background processes.
+"""The local stack: docker-compose.yml's services as processes on one machine, without Docker.
 
-``up`` starts what is not running yet (so running it twice is harmless),
-``down`` stops only the processes it started (tracked by pid files in
-KIT_STATE_DIR/run), ``status`` says what runs. RabbitMQ itself is started by
-``scripts/broker.sh``, which ``up`` calls when the broker is not reachable.
+docker-compose.yml is the one source of every component's command, flags,
+environment, config files and health check. This module reads it and runs the
+services that its ``x-local-stack`` extension lists, with the same commands,
+mapped to one machine by a few fixed rules:
+
+- ``python`` is the virtual environment's (``venv``); an image entrypoint such
+  as ``/bin/alertmanager`` is the Debian binary named in ``executables``.
+- Every compose service name used as a host (``rabbitmq:5672``) and every
+  all-interfaces address (``0.0.0.0``) becomes ``x-local-stack.host``. A
+  service's own ports (``ports`` and ``expose``) move by ``--port-offset``
+  (default 0), so a second stack can run beside the first.
+- Container paths become local paths: bind mounts of this repository map back
+  to the repository (a mount nested in another one gets an overlay directory of
+  symlinks), and the paths listed under ``x-local-stack.paths`` (named volumes,
+  ``/run/secrets``, ``/var/lib/kit``) map into KIT_STATE_DIR. Files under a
+  ``rewrite-hosts`` path are copied with their hosts and ports mapped
+  (Prometheus' target files).
+- Broker URLs keep their role's user and get the stack's vhost and user prefix
+  (``--vhost``, ``--user-prefix``, defaults from docker-compose.yml); passwords
+  are files in KIT_STATE_DIR/secrets, made by scripts/make-secrets.sh on the
+  first ``up``, and the vhost, users and topology are created over RabbitMQ's
+  management API by service.broker, as ``python -m service broker provision``
+  does.
+- ``environment`` values are compose's; a value left empty in compose is passed
+  through from the caller's environment, as compose does. Other KIT_* and
+  SENTRY_* variables of the caller are not passed on.
+
+``up`` starts what is not running yet (running it twice is harmless), ``down``
+stops only the processes ``up`` started (pid files in KIT_STATE_DIR/run hold
+each pid with its start time, so a reused pid is never signalled), ``status``
+says what runs and what fails its health check. RabbitMQ itself is Debian's,
+started by ``scripts/broker.sh`` when it is not reachable, and never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from service.settings import Settings
+import yaml
+
+from service.errors import KitError
 
 REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+#: The compose extension that says how to run services locally.
+LOCAL_KEY = "x-local-stack"
+#: Compose's default stop_grace_period.
+DEFAULT_STOP_GRACE = 10.0
+#: URL schemes whose user and vhost the stack rewrites.
+AMQP_SCHEMES = ("pyamqp", "amqp", "amqps")
+#: The user prefix of the compose file (service.broker.DEFAULT_USER_PREFIX).
+COMPOSE_USER_PREFIX = "kit-"
+#: Addresses that mean "this machine" or "every interface" in a service's own flags.
+_OWN_HOSTS = ("0.0.0.0", "127.0.0.1", "localhost")
+
+_HOST_PORT = re.compile(r"(?<![\w.-])(?P<host>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<port>\d{1,5})(?!\d)")
+_ALL_INTERFACES = re.compile(r"(?<![\d.])0\.0\.0\.0(?![\d.])")
+_ABS_PATH = re.compile(r"(?<![\w/.:-])/[\w./-]*")
+_FLAG_VALUE = re.compile(r"^(?P<flag>--?[\w.-]+=)(?P<value>.*)$")
+_URL = re.compile(r"https?://[^\s'\"]+")
+_INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|h|m|s)")
+
+
+class StackError(KitError):
+    """docker-compose.yml cannot be run locally as written, or a component cannot be started."""
+
+
+# ---------------------------------------------------------------------------
+# Reading docker-compose.yml
+
+
+def interpolate(text: str, environ: Mapping[str, str]) -> str:
+    """Compose's variable interpolation: ``$$`` is ``$``; ``${VAR}``, ``${VAR:-default}``, ``$VAR``."""
+
+    def repl(m: re.Match[str]) -> str:
+        if m["escaped"]:
+            return "$"
+        expr = m["braced"] if m["braced"] is not None else m["named"]
+        parts = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", expr, re.S)
+        if not parts:
+            raise StackError(f"docker-compose.yml: unsupported interpolation ${{{expr}}}")
+        name, op, default = parts.groups()
+        value = environ.get(name)
+        if op == ":-" and not value:
+            return default
+        if op == "-" and value is None:
+            return default
+        return value or ""
+
+    return _INTERPOLATION.sub(repl, text)
+
+
+def _interpolate_all(node: Any, environ: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, environ)
+    if isinstance(node, list):
+        return [_interpolate_all(v, environ) for v in node]
+    if isinstance(node, dict):
+        return {k: _interpolate_all(v, environ) for k, v in node.items()}
+    return node
+
+
+def load_compose(path: Path = COMPOSE_FILE, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """docker-compose.yml as data: YAML anchors and merge keys resolved, variables interpolated."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise StackError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or "services" not in data:
+        raise StackError(f"{path} has no services")
+    return _interpolate_all(data, os.environ if environ is None else environ)
+
+
+def parse_duration(text: str | int | float | None, default: float = DEFAULT_STOP_GRACE) -> float:
+    """Seconds of a compose duration such as ``420s`` or ``1m30s``."""
+    if text is None:
+        return default
+    if isinstance(text, int | float):
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise StackError(f"docker-compose.yml: {text!r} is not a duration")
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def container_ports(service: Mapping[str, Any]) -> list[int]:
+    """Ports a service listens on in its container: ``ports`` (container side) and ``expose``."""
+    found: list[int] = []
+    for item in service.get("ports", []) or []:
+        if isinstance(item, dict):
+            found.append(int(item["target"]))
+        else:
+            found.append(int(str(item).split("/")[0].rsplit(":", 1)[-1]))
+    for item in service.get("expose", []) or []:
+        found.append(int(str(item).split("/")[0]))
+    return sorted(set(found))
+
+
+def published_ports(service: Mapping[str, Any]) -> dict[int, int]:
+    """container port -> host port of a service's ``ports``."""
+    found: dict[int, int] = {}
+    for item in service.get("ports", []) or []:
+        if isinstance(item, dict):
+            found[int(item["target"])] = int(item.get("published", item["target"]))
+            continue
+        fields = str(item).split("/")[0].split(":")
+        found[int(fields[-1])] = int(fields[-2]) if len(fields) > 1 else int(fields[-1])
+    return found
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One volume of a service: a bind mount of a repository path, or a named volume."""
+
+    source: str
+    target: str
+    bind: bool
+    read_only: bool
+
+
+def mounts(service: Mapping[str, Any]) -> list[Mount]:
+    """The volumes of a service, short or long syntax."""
+    found = []
+    for item in service.get("volumes", []) or []:
+        if isinstance(item, dict):
+            source, target = str(item.get("source", "")), str(item["target"])
+            bind = item.get("type") == "bind"
+            read_only = bool(item.get("read_only"))
+        else:
+            fields = str(item).split(":")
+            if len(fields) == 1:
+                source, target, mode = "", fields[0], ""
+            else:
+                source, target, mode = fields[0], fields[1], (fields[2] if len(fields) > 2 else "")
+            bind = source.startswith((".", "/", "~"))
+            read_only = "ro" in mode.split(",")
+        found.append(Mount(source, target, bind, read_only))
+    return found
+
+
+def full_command(service: Mapping[str, Any]) -> list[str]:
+    """``entrypoint`` + ``command`` of a service, as a list."""
+    argv: list[str] = []
+    for key in ("entrypoint", "command"):
+        value = service.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            raise StackError(f"write {key} as a list (exec form), not a string: {value!r}")
+        argv += [str(v) for v in value]
+    return argv
+
+
+def _under(path: str, prefix: str) -> str | None:
+    """``path`` relative to ``prefix`` ("" when equal), or None when it is not under it."""
+    prefix = prefix.rstrip("/") or "/"
+    if path == prefix:
+        return ""
+    if path.startswith(prefix.rstrip("/") + "/"):
+        return path[len(prefix.rstrip("/")) + 1 :]
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Health checks
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A component's health check: its compose healthcheck, mapped (an HTTP GET or a command)."""
+
+    url: str | None = None
+    argv: tuple[str, ...] | None = None
+    timeout: float = 10.0
+
+    def check(self, env: Mapping[str, str]) -> tuple[bool, str]:
+        """(healthy, detail)."""
+        if self.url:
+            try:
+                with urllib.request.urlopen(self.url, timeout=self.timeout) as response:
+                    return 200 <= response.status < 300, f"GET {self.url}: {response.status}"
+            except urllib.error.HTTPError as exc:
+                return False, f"GET {self.url}: {exc.code}"
+            except OSError as exc:
+                return False, f"GET {self.url}: {getattr(exc, 'reason', exc)}"
+        if self.argv:
+            try:
+                done = subprocess.run(self.argv, env=dict(env), cwd=REPO, capture_output=True,
+                                      timeout=self.timeout, stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return False, f"health command failed: {exc}"
+            output = (done.stdout + done.stderr).decode(errors="replace").strip().splitlines()
+            return done.returncode == 0, output[-1] if output else f"exit {done.returncode}"
+        return True, "no health check"
+
+
+# ---------------------------------------------------------------------------
+# The components
 
 
 @dataclass(frozen=True)
 class Component:
-    """One long-running process of the stack."""
+    """One local process of the stack, derived from a compose service."""
 
     name: str
     argv: tuple[str, ...]
-    description: str
-    env: tuple[tuple[str, str], ...] = ()
+    env: Mapping[str, str] = field(compare=False)
+    stop_timeout: float
+    probe: Probe | None
+    ports: tuple[int, ...]  # local ports it listens on
+
+    @property
+    def description(self) -> str:
+        return " ".join(self.argv)
 
 
-def components(demo: bool = False, demo_count: int = 300, demo_rate: float = 5.0) -> list[Component]:
-    """The processes of the local stack. Urgent work has a worker of its own so
-    it never waits behind bulk work."""
-    py = (sys.executable, "-m", "service")
-    items = [
-        # Metrics ports match deploy/prometheus/targets/kit-workers.json.
-        Component("worker-urgent", (*py, "worker", "--queues", "urgent", "--concurrency", "1",
-                                    "--name", "urgent@%h"), "worker for the urgent queue",
-                  env=(("KIT_METRICS_PORT", "9810"),)),
-        Component("worker-default-bulk", (*py, "worker", "--queues", "default,bulk",
-                                          "--name", "default-bulk@%h"), "worker for default and bulk",
-                  env=(("KIT_METRICS_PORT", "9811"),)),
-        Component("beat", (*py, "beat"), "Celery beat (periodic clean-up)"),
-    ]
-    if demo:
-        items.append(Component("demo", (*py, "demo", "--count", str(demo_count), "--rate", str(demo_rate)),
-                               "demo traffic"))
-    return items
+@dataclass(frozen=True)
+class Options:
+    """What may differ between two local stacks on one machine."""
+
+    port_offset: int = 0
+    vhost: str | None = None  # default: the vhost of docker-compose.yml's broker URLs
+    user_prefix: str | None = None  # default: kit-
+    demo: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"port_offset": self.port_offset, "vhost": self.vhost, "user_prefix": self.user_prefix,
+                "demo": self.demo}
 
 
-def _paths(settings: Settings, name: str) -> tuple[Path, Path]:
-    run_dir, log_dir = settings.state_dir / "run", settings.state_dir / "log"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir / f"{name}.pid", log_dir / f"{name}.log"
+class Stack:
+    """docker-compose.yml mapped to one machine, under one KIT_STATE_DIR."""
+
+    def __init__(self, state_dir: Path, options: Options = Options(), compose_file: Path = COMPOSE_FILE,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+        self.compose = load_compose(compose_file, self.environ)
+        self.services: dict[str, dict[str, Any]] = self.compose["services"]
+        local = self.compose.get(LOCAL_KEY)
+        if not isinstance(local, dict) or not isinstance(local.get("services"), dict):
+            raise StackError(f"{compose_file} has no {LOCAL_KEY}.services")
+        self.local = local
+        self.host: str = local.get("host", "127.0.0.1")
+        self.external: list[str] = list(local.get("external", []))
+        self.local_services: dict[str, dict[str, Any]] = {k: dict(v or {}) for k, v in local["services"].items()}
+        for name in [*self.external, *self.local_services]:
+            if name not in self.services:
+                raise StackError(f"{LOCAL_KEY} names {name!r}, which is not a service of {compose_file}")
+        self.state_dir = Path(state_dir).resolve()
+        self.options = options
+        self.port_offset = options.port_offset
+        self.vhost = options.vhost or self.compose_vhost()
+        self.user_prefix = options.user_prefix or COMPOSE_USER_PREFIX
+        self.secrets_dir = self.state_path("/run/secrets")
+        self.run_dir = self.state_dir / "run"
+        self.log_dir = self.state_dir / "log"
+        self.work_dir = self.state_dir / "stack"
+
+    # -- facts from docker-compose.yml ------------------------------------
+
+    def compose_vhost(self) -> str:
+        """The vhost of the broker URLs in docker-compose.yml (they must agree)."""
+        vhosts = {unquote(urlsplit(url).path[1:]) for url in self.broker_urls().values()}
+        if len(vhosts) != 1:
+            raise StackError(f"docker-compose.yml's broker URLs name different vhosts: {sorted(vhosts)}")
+        return vhosts.pop()
+
+    def broker_urls(self) -> dict[str, str]:
+        """service -> its KIT_BROKER_URL in docker-compose.yml (services that have one)."""
+        found = {}
+        for name, service in self.services.items():
+            url = (service.get("environment") or {}).get("KIT_BROKER_URL")
+            if url:
+                found[name] = str(url)
+        return found
+
+    def state_path(self, container_path: str) -> Path:
+        """A container path listed under x-local-stack.paths, in KIT_STATE_DIR."""
+        for prefix, local in sorted(self.local.get("paths", {}).items(), key=lambda kv: -len(kv[0])):
+            rel = _under(container_path, prefix)
+            if rel is not None:
+                base = self.state_dir / str(local)
+                return (base / rel) if rel else base
+        raise StackError(f"{LOCAL_KEY}.paths does not map the container path {container_path}")
+
+    def local_port(self, service: str, port: int) -> int:
+        """Where ``service``'s container port listens on this machine."""
+        if service in self.external:
+            return port
+        return port + self.port_offset
+
+    def own_ports(self, service: str) -> dict[int, int]:
+        return {p: self.local_port(service, p) for p in container_ports(self.services[service])}
+
+    def components(self, demo: bool | None = None) -> list[Component]:
+        """The local processes, in start order; ``demo`` (default: the options') includes only-with --demo ones."""
+        demo = self.options.demo if demo is None else demo
+        return [self.component(name) for name, spec in self.local_services.items()
+                if demo or spec.get("only-with") != "--demo"]
+
+    def all_components(self) -> list[Component]:
+        return self.components(demo=True)
+
+    def optional(self, name: str) -> bool:
+        return self.local_services.get(name, {}).get("only-with") == "--demo"
+
+    # -- mapping one service ----------------------------------------------
+
+    def _mount_table(self, name: str) -> list[tuple[str, Path]]:
+        """(container path, local path) of a service's bind mounts and x-local-stack paths, longest first."""
+        table: list[tuple[str, Path]] = []
+        service_mounts = mounts(self.services[name])
+        rewrite = set(self.local_services.get(name, {}).get("rewrite-hosts", []))
+        for m in service_mounts:
+            if not m.bind:
+                continue
+            nested = [n for n in service_mounts if n is not m and n.bind and _under(n.target, m.target)]
+            inside_other = any(_under(m.target, o.target) for o in service_mounts if o is not m and o.bind)
+            if nested or inside_other or m.target in rewrite:
+                table.append((m.target, self.work_dir / "overlay" / name / m.target.lstrip("/")))
+            else:
+                table.append((m.target, (REPO / m.source).resolve()))
+        for m in service_mounts:
+            if not m.bind:
+                self.state_path(m.target)  # a named volume must be mapped
+        for prefix in self.local.get("paths", {}):
+            table.append((prefix, self.state_path(prefix)))
+        return sorted(table, key=lambda item: -len(item[0]))
+
+    def map_path(self, name: str, container_path: str) -> str:
+        for prefix, local in self._mount_table(name):
+            rel = _under(container_path, prefix)
+            if rel is not None:
+                return str(local / rel) if rel else str(local)
+        return container_path
+
+    def map_text(self, name: str, text: str) -> str:
+        """Hosts, ports and container paths of ``text`` mapped for service ``name`` on this machine."""
+        own = self.own_ports(name)
+
+        def host_port(m: re.Match[str]) -> str:
+            host, port = m["host"], int(m["port"])
+            if host in self.services:
+                return f"{self.host}:{self.local_port(host, port)}"
+            if host in _OWN_HOSTS and port in own:
+                return f"{self.host}:{own[port]}"
+            return m.group(0)
+
+        text = _HOST_PORT.sub(host_port, text)
+        text = _ALL_INTERFACES.sub(self.host, text)
+        return _ABS_PATH.sub(lambda m: self.map_path(name, m.group(0)), text)
+
+    def map_token(self, name: str, token: str) -> str:
+        """One command-line argument: map_text, and a bare own port (``9808``, ``--port=5555``) moved."""
+        own = self.own_ports(name)
+        if token.isdigit() and int(token) in own:
+            return str(own[int(token)])
+        m = _FLAG_VALUE.match(token)
+        if m and m["value"].isdigit() and int(m["value"]) in own:
+            return m["flag"] + str(own[int(m["value"])])
+        return self.map_text(name, token)
+
+    def map_broker_url(self, url: str) -> str:
+        """A compose broker URL with the stack's user prefix and vhost."""
+        parts = urlsplit(url)
+        if parts.scheme not in AMQP_SCHEMES:
+            return url
+        netloc = parts.netloc
+        if "@" in netloc:
+            credentials, hostport = netloc.rsplit("@", 1)
+            user, sep, password = credentials.partition(":")
+            user = unquote(user)
+            if user.startswith(COMPOSE_USER_PREFIX):
+                user = self.user_prefix + user[len(COMPOSE_USER_PREFIX):]
+            netloc = f"{quote(user, safe='')}{sep}{password}@{hostport}"
+        return urlunsplit((parts.scheme, netloc, "/" + quote(self.vhost, safe=""), parts.query, parts.fragment))
+
+    def environment(self, name: str) -> dict[str, str]:
+        """The process environment of service ``name``: compose's values, mapped."""
+        spec = self.local_services.get(name, {})
+        env = {k: v for k, v in self.environ.items()
+               if not k.startswith(("KIT_", "SENTRY_")) and k != "PROMETHEUS_MULTIPROC_DIR"}
+        own = self.own_ports(name)
+        for key, value in (self.services[name].get("environment") or {}).items():
+            if value is None:  # compose passes these through from its own environment
+                if key in self.environ:
+                    env[key] = self.environ[key]
+                continue
+            value = str(value)
+            if value.isdigit() and int(value) in own:
+                env[key] = str(own[int(value)])
+                continue
+            if urlsplit(value).scheme in AMQP_SCHEMES:
+                value = self.map_broker_url(value)
+            env[key] = self.map_text(name, value)
+        if spec.get("venv"):
+            env["PATH"] = str(REPO / spec["venv"] / "bin") + os.pathsep + env.get("PATH", os.defpath)
+            env["PYTHONUNBUFFERED"] = "1"
+            env.pop("VIRTUAL_ENV", None)
+        env["HOSTNAME"] = socket.gethostname()  # what Docker sets, and what Celery's %h expands to
+        return env
+
+    def command(self, name: str, env: Mapping[str, str]) -> list[str]:
+        spec = self.local_services.get(name, {})
+        argv = full_command(self.services[name])
+        if not argv:
+            raise StackError(f"service {name} has no entrypoint/command in docker-compose.yml")
+        executables = spec.get("executables", {})
+        argv = [executables.get(argv[0], argv[0])] + [self.map_token(name, a) for a in argv[1:]]
+        resolved = shutil.which(argv[0], path=env.get("PATH"))
+        if resolved:
+            argv[0] = resolved
+        if spec.get("alertmanager-config"):
+            argv = [self._alertmanager_flag(name, a) for a in argv]
+        return argv
+
+    def _alertmanager_flag(self, name: str, token: str) -> str:
+        if token.startswith("--config.file="):
+            return "--config.file=" + str(self.work_dir / name / "alertmanager.yml")
+        return token
+
+    def probe(self, name: str) -> Probe | None:
+        check = self.services[name].get("healthcheck")
+        if not check or check.get("disable"):
+            return None
+        test = check.get("test")
+        timeout = parse_duration(check.get("timeout"), 30.0)
+        if isinstance(test, str):
+            test = ["CMD-SHELL", test]
+        if not test or test[0] == "NONE":
+            return None
+        kind, args = test[0], [str(a) for a in test[1:]]
+        text = " ".join(args)
+        url = _URL.search(text)
+        if url:
+            return Probe(url=self.map_text(name, url.group(0)), timeout=timeout)
+        if kind == "CMD-SHELL":
+            return Probe(argv=("sh", "-c", self.map_text(name, text)), timeout=timeout)
+        return Probe(argv=tuple(self.map_token(name, a) for a in args), timeout=timeout)
+
+    def component(self, name: str) -> Component:
+        service = self.services[name]
+        env = self.environment(name)
+        return Component(
+            name=name,
+            argv=tuple(self.command(name, env)),
+            env=env,
+            stop_timeout=parse_duration(service.get("stop_grace_period")),
+            probe=self.probe(name),
+            ports=tuple(self.own_ports(name).values()),
+        )
+
+    # -- files the components need ------------------------------------------
+
+    def prepare_files(self) -> None:
+        """Overlays for nested mounts, host-mapped target files, rendered configs."""
+        for name in self.local_services:
+            service_mounts = [m for m in mounts(self.services[name]) if m.bind]
+            rewrite = set(self.local_services[name].get("rewrite-hosts", []))
+            table = dict(self._mount_table(name))
+            for m in service_mounts:
+                local = table[m.target]
+                if local.is_relative_to(REPO) and not local.is_relative_to(self.state_dir):
+                    continue  # mapped straight to the repository
+                if any(_under(m.target, o.target) for o in service_mounts if o is not m):
+                    continue  # filled in with the mount it is nested in
+                source = (REPO / m.source).resolve()
+                nested = {n.target: n for n in service_mounts if n is not m and _under(n.target, m.target)}
+                if m.target in rewrite:
+                    self._write_rewritten(name, source, local)
+                else:
+                    self._write_overlay(source, local, {_under(t, m.target).split("/")[0] for t in nested})
+                for target, inner in nested.items():
+                    inner_local = table[target]
+                    if target in rewrite:
+                        self._write_rewritten(name, (REPO / inner.source).resolve(), inner_local)
+                    else:
+                        _replace_with_symlink(inner_local, (REPO / inner.source).resolve())
+            values = self.local_services[name].get("alertmanager-config")
+            if values:
+                self._write_alertmanager_config(name, dict(values))
+
+    def _write_overlay(self, source: Path, local: Path, skip: set[str]) -> None:
+        if local.is_symlink() or local.is_file():
+            local.unlink()
+        local.mkdir(parents=True, exist_ok=True)
+        entries = {p.name for p in source.iterdir()} - skip
+        for entry in local.iterdir():
+            if entry.name not in entries and entry.name not in skip:
+                _remove(entry)
+        for entry in entries:
+            _replace_with_symlink(local / entry, source / entry)
+
+    def _write_rewritten(self, name: str, source: Path, local: Path) -> None:
+        """Copies of the JSON files of ``source`` with every host:port string mapped."""
+        if local.is_symlink():
+            local.unlink()
+        local.mkdir(parents=True, exist_ok=True)
+
+        def mapped(node: Any) -> Any:
+            if isinstance(node, str):
+                return self.map_text(name, node)
+            if isinstance(node, list):
+                return [mapped(v) for v in node]
+            if isinstance(node, dict):
+                return {k: mapped(v) for k, v in node.items()}
+            return node
+
+        for path in sorted(source.glob("*.json")):
+            out = local / path.name
+            tmp = out.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(mapped(json.loads(path.read_text())), indent=2) + "\n")
+            tmp.replace(out)
+
+    def _write_alertmanager_config(self, name: str, values: dict[str, Any]) -> None:
+        from service.monitoring import alertmanager_config
+
+        argv = full_command(self.services[name])
+        config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config.file=")), None)
+        if config is None:
+            raise StackError(f"{name}: alertmanager-config needs a --config.file= flag")
+        out = self.work_dir / name / "alertmanager.yml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        values.setdefault("secrets_dir", self.secrets_dir)
+        out.write_text(alertmanager_config.render(Path(self.map_path(name, config)), **values))
+
+    # -- URLs -----------------------------------------------------------------
+
+    def urls(self) -> dict[str, str]:
+        """What a person opens: each published port of the services this stack has, on this machine."""
+        found = {}
+        for name in [*self.external, *self.local_services]:
+            if self.optional(name) or name not in self.services:
+                continue
+            for port in published_ports(self.services[name]):
+                local = self.local_port(name, port)
+                if port in (5671, 5672):
+                    found[f"{name} (AMQP)"] = f"amqp://{self.host}:{local}/{quote(self.vhost, safe='')}"
+                else:
+                    found[name] = f"http://{self.host}:{local}"
+        return found
+
+    def management_url(self) -> str:
+        """RabbitMQ's management API: KIT_ADMIN_URL, else the rabbitmq service's port 15672 here."""
+        if self.environ.get("KIT_ADMIN_URL"):
+            return self.environ["KIT_ADMIN_URL"]
+        return f"http://{self.host}:{self.local_port('rabbitmq', 15672)}"
+
+    def user(self, role: str) -> str:
+        return f"{self.user_prefix}{role}"
 
 
-def running_pid(settings: Settings, name: str) -> int | None:
-    """The pid of a component this stack started, if it still runs."""
-    pid_file, _ = _paths(settings, name)
+# ---------------------------------------------------------------------------
+# Files
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _replace_with_symlink(link: Path, target: Path) -> None:
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    if link.exists() or link.is_symlink():
+        _remove(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def make_secrets(stack: Stack) -> None:
+    """The stack's secret files (scripts/make-secrets.sh: only missing ones are created)."""
+    done = subprocess.run(["bash", str(REPO / "scripts" / "make-secrets.sh"), str(stack.secrets_dir)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StackError(f"scripts/make-secrets.sh failed: {done.stderr.strip()}")
+
+
+def provision(stack: Stack, admin_url: str) -> str:
+    """Create or update the vhost, users, permissions and topology; returns the admin it used.
+
+    Tries the stack's own administrator first, then the broker's administrator
+    of ``admin_url`` (KIT_BROKER_URL: guest on a fresh Debian RabbitMQ, loopback only).
+    """
+    from service import broker
+
+    passwords = broker.read_passwords(stack.secrets_dir)
+    defs = broker.definitions(stack.vhost, passwords, stack.user_prefix)
+    url = stack.management_url()
     try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        broker.provision(defs, url, stack.user("admin"), passwords["admin"])
+        return stack.user("admin")
+    except broker.ProvisioningError:
+        parts = urlsplit(admin_url)
+        if parts.username and parts.password:
+            try:
+                broker.provision(defs, url, unquote(parts.username), unquote(parts.password))
+                return unquote(parts.username)
+            except broker.ProvisioningError:
+                pass
+        # A fresh local broker: create the stack's administrator with rabbitmqctl
+        # (root on the broker's machine), then provision as that administrator.
+        _bootstrap_admin(stack.vhost, stack.user("admin"), passwords["admin"])
+        broker.provision(defs, url, stack.user("admin"), passwords["admin"])
+        return stack.user("admin")
+
+
+def _bootstrap_admin(vhost: str, user: str, password: str) -> None:
+    """Create ``user`` as administrator of ``vhost`` on the local node (idempotent)."""
+    def ctl(*args: str, ok_if: str = "") -> None:
+        result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True)
+        if result.returncode != 0 and not (ok_if and ok_if in (result.stdout + result.stderr)):
+            raise RuntimeError(f"rabbitmqctl {args[0]} failed: {(result.stderr or result.stdout).strip()}")
+
+    ctl("add_vhost", vhost, ok_if="already exists")
+    ctl("add_user", user, password, ok_if="already exists")
+    ctl("change_password", user, password)
+    ctl("set_user_tags", user, "administrator")
+    ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+
+
+def broker_reachable(url: str, timeout: float = 5) -> bool:
+    """Whether an AMQP connection to ``url`` opens."""
+    from kombu import Connection
+
+    conn = Connection(url, connect_timeout=timeout)
+    try:
+        conn.connect()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+        return False
+    finally:
+        conn.release()
+
+
+def admin_broker_url(stack: Stack) -> str:
+    """The stack's administrator in its vhost (password from the secrets)."""
+    from service import broker
+
+    password = broker.read_passwords(stack.secrets_dir, roles=("admin",))["admin"]
+    return (f"pyamqp://{quote(stack.user('admin'), safe='')}:{quote(password, safe='')}@{stack.host}:"
+            f"{stack.local_port('rabbitmq', 5672)}/{quote(stack.vhost, safe='')}")
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
-    except PermissionError:
-        return pid
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def _pid_file(stack: Stack, name: str) -> Path:
+    return stack.run_dir / f"{name}.pid"
+
+
+def running_pid(stack: Stack, name: str) -> int | None:
+    """The pid of a component this stack started, if that very process still runs."""
+    try:
+        pid_text, _, started = _pid_file(stack, name).read_text().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    now = _start_time(pid)
+    if now is None or (started and now != started):
+        return None
     return pid
 
 
-def start(settings: Settings, component: Component) -> tuple[int, bool]:
+def start(stack: Stack, component: Component) -> tuple[int, bool]:
     """Start a component unless it runs; returns (pid, started_now)."""
-    pid = running_pid(settings, component.name)
+    pid = running_pid(stack, component.name)
     if pid:
         return pid, False
-    pid_file, log_file = _paths(settings, component.name)
-    with log_file.open("ab") as log:
-        process = subprocess.Popen(component.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, **dict(component.env)})
-    pid_file.write_text(str(process.pid))
+    venv = stack.local_services.get(component.name, {}).get("venv")
+    if venv and not (REPO / venv / "bin" / "python").is_file():
+        raise StackError(f"{component.name}: the virtual environment {venv} is missing; run scripts/install.sh")
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    stack.log_dir.mkdir(parents=True, exist_ok=True)
+    with (stack.log_dir / f"{component.name}.log").open("ab") as log:
+        try:
+            process = subprocess.Popen(component.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True, env=dict(component.env))
+        except OSError as exc:
+            raise StackError(f"{component.name}: cannot run {component.argv[0]} ({exc.strerror}); "
+                             "run scripts/install.sh") from None
+    started = _start_time(process.pid) or ""
+    tmp = _pid_file(stack, component.name).with_suffix(".tmp")
+    tmp.write_text(f"{process.pid} {started}\n")
+    tmp.replace(_pid_file(stack, component.name))
     return process.pid, True
 
 
-def stop(settings: Settings, name: str, timeout: float = 60) -> bool:
-    """SIGTERM (warm shutdown) a component this stack started; SIGKILL after ``timeout``."""
-    pid = running_pid(settings, name)
-    pid_file, _ = _paths(settings, name)
+def stop(stack: Stack, component: Component, timeout: float | None = None) -> bool:
+    """Stop a component this stack started, as Docker does: SIGTERM to the process
+    (a worker's warm shutdown), SIGKILL to its process group after its stop_grace_period."""
+    return stop_name(stack, component.name, component.stop_timeout if timeout is None else timeout)
+
+
+def started_names(stack: Stack) -> list[str]:
+    """Components with a pid file, including ones docker-compose.yml no longer lists."""
+    return sorted(p.stem for p in stack.run_dir.glob("*.pid")) if stack.run_dir.is_dir() else []
+
+
+def stop_name(stack: Stack, name: str, timeout: float = DEFAULT_STOP_GRACE) -> bool:
+    """Stop the process of pid file ``name`` if this stack started it and it still runs."""
+    pid = running_pid(stack, name)
+    pid_file = _pid_file(stack, name)
     if not pid:
         pid_file.unlink(missing_ok=True)
         return False
-    os.killpg(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    while time.monotonic() < deadline and _start_time(pid) is not None:
         time.sleep(0.2)
-    else:
+    try:  # whatever is left of its process group (pool processes of a killed worker)
         os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     pid_file.unlink(missing_ok=True)
     return True
+
+
+@contextlib.contextmanager
+def locked(stack: Stack) -> Iterator[None]:
+    """One `up` or `down` at a time per state directory."""
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    with (stack.run_dir / "stack.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(f"another `stack up` or `stack down` runs on {stack.state_dir}") from None
+        yield
+
+
+def wait_healthy(stack: Stack, components: list[Component], timeout: float,
+                 on_change: Callable[[str, bool, str], None] | None = None) -> dict[str, tuple[bool, str]]:
+    """Probe until every component is healthy or ``timeout`` passes; name -> (healthy, detail)."""
+    deadline = time.monotonic() + timeout
+    results: dict[str, tuple[bool, str]] = {}
+    exited: set[str] = set()
+    while True:
+        for c in components:
+            if results.get(c.name, (False, ""))[0] or c.name in exited:
+                continue
+            results[c.name] = health(stack, c)
+            if not running_pid(stack, c.name):  # it will not get healthy by waiting
+                exited.add(c.name)
+                results[c.name] = (False, f"exited; see {stack.log_dir / (c.name + '.log')}")
+            if on_change and results[c.name][0]:
+                on_change(c.name, True, results[c.name][1])
+        pending = [n for n, (ok, _) in results.items() if not ok and n not in exited]
+        if not pending or time.monotonic() > deadline:
+            return results
+        time.sleep(1)
+
+
+def health(stack: Stack, component: Component) -> tuple[bool, str]:
+    """(healthy, detail) of a component: it runs, and passes its compose health check."""
+    if not running_pid(stack, component.name):
+        return False, "not running"
+    if component.probe is None:
+        return True, "running (no health check)"
+    return component.probe.check(component.env)
+
+
+def save_options(stack: Stack) -> None:
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    (stack.run_dir / "stack.json").write_text(json.dumps(stack.options.as_dict(), indent=2) + "\n")
+
+
+def saved_options(state_dir: Path) -> Options | None:
+    """The options of the last ``up`` in this state directory."""
+    try:
+        data = json.loads((Path(state_dir) / "run" / "stack.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Options(**{k: data.get(k) for k in ("vhost", "user_prefix")},
+                   port_offset=int(data.get("port_offset") or 0), demo=bool(data.get("demo")))

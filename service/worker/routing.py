@@ -21,6 +21,7 @@ from kombu.message import Message
 
 from service import headers as h
 from service import queues
+from service.broker import declare_topology_enabled
 from service.errors import KitError
 from service.monitoring import metrics, sentry
 from service.publishing import ConfirmedChannel, Outgoing
@@ -52,6 +53,8 @@ def _publisher() -> ConfirmedChannel:
 
 def _ensure_topology(settings: Settings) -> None:
     """Declare the topology once per process, so the exchanges we publish to exist."""
+    if not declare_topology_enabled():
+        return  # least privilege (KIT_DECLARE_TOPOLOGY=false): the broker's definitions hold it
     conn = connect(settings)
     try:
         declare(conn)

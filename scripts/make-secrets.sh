@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Create the secret files that docker-compose.yml mounts under /run/secrets
+# (and that `python -m service stack up` uses for the local stack):
+#
+#   rabbitmq_{admin,publisher,worker,monitor}_password   random, one broker user per role
+#   grafana_admin_password                               random, Grafana's admin
+#   alertmanager_{slack_api_url,smtp_password,           EMPTY: the receivers' secrets are
+#     pagerduty_routing_key,webhook_token}                site values you fill in
+#                                                         (deploy/alertmanager/README.md)
+#
+# Usage: scripts/make-secrets.sh [DIR]      (default: ./secrets, which git ignores)
+#
+# Existing files are never changed, so running it again is harmless; to rotate a
+# password delete its file and run it again (then recreate broker-definitions and
+# rabbitmq, or run `python -m service broker provision`).
+#
+# Modes: the directory is 0700, so no other user of this machine can read
+# anything in it. The files are 0644 because compose (without swarm) mounts them
+# as they are, and the containers read them as their own non-root users (kit
+# 10001, rabbitmq 999, grafana 472, nobody); 0600 files would be unreadable there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dir="${1:-secrets}"
+install -d -m 0700 "$dir"
+chmod 0700 "$dir"
+
+random_value() {
+    # 48 hex characters (192 bits): safe in URLs, shells and config files as is.
+    od -An -N24 -tx1 /dev/urandom | tr -d ' \n'
+}
+
+created=()
+for name in rabbitmq_admin_password rabbitmq_publisher_password rabbitmq_worker_password \
+            rabbitmq_monitor_password grafana_admin_password; do
+    file="$dir/$name"
+    if [ ! -s "$file" ]; then
+        (umask 077; random_value > "$file")
+        created+=("$name")
+    fi
+    chmod 0644 "$file"
+done
+for name in alertmanager_slack_api_url alertmanager_smtp_password alertmanager_pagerduty_routing_key \
+            alertmanager_webhook_token; do
+    file="$dir/$name"
+    if [ ! -e "$file" ]; then
+        : > "$file"
+        created+=("$name (empty: fill it in)")
+    fi
+    chmod 0644 "$file"
+done
+if [ ${#created[@]} -gt 0 ]; then
+    printf 'created in %s: %s\n' "$dir" "${created[*]}"
+fi

@@ -1,0 +1,446 @@
+"""docker-compose.yml without a Docker engine: Debian's docker-compose validates it,
+every file it mounts exists and passes its own validator (promtool, amtool,
+JSON, YAML), and the local stack (service/stack.py) runs the same commands with
+the same configuration, read from it. Needs docker-compose, promtool and amtool
+(scripts/install.sh); no broker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service import broker, queues
+from service import stack as local
+from service.monitoring import alertmanager_config
+from service.settings import SETTINGS
+from tests.support import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+HARD_TIME_LIMIT_DEFAULT = float(next(s.default for s in SETTINGS if s.name == "KIT_HARD_TIME_LIMIT"))
+#: Services that run until stopped (everything but the one-shot broker-definitions).
+LONG_RUNNING = ("rabbitmq", "worker-urgent", "worker-default-bulk", "beat", "celery-exporter", "prometheus",
+                "alertmanager", "grafana", "flower", "demo")
+#: Long-running services without a health check, and why.
+NO_HEALTHCHECK = {
+    "beat": "no endpoint; its schedule file is written only when it sends a task",
+    "demo": "a traffic generator",
+}
+
+
+def size(text: str) -> int:
+    """Bytes of a size: 2g (compose: binary), 2GiB or 2G (RabbitMQ: binary), 2GB (RabbitMQ: decimal)."""
+    number, unit, decimal = re.fullmatch(r"(\d+)\s*([kmgt]?)(i?b?)", text.strip(), re.I).groups()
+    power = " kmgt".index(unit.lower() or " ")
+    return int(number) * (1000 if decimal.lower() == "b" else 1024) ** power
+
+
+def run(*argv: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which(str(argv[0]))
+    assert exe, f"{argv[0]} is not installed: run scripts/install.sh"
+    return subprocess.run([exe, *map(str, argv[1:])], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"{result.args} failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    """`docker-compose config`: the file as Docker Compose resolves it."""
+    result = run("docker-compose", "-f", COMPOSE, "config")
+    assert_ok(result)
+    assert "WARNING" not in result.stderr, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    """docker-compose.yml as the local stack reads it (extensions included)."""
+    return local.load_compose(COMPOSE, environ={})
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> local.Stack:
+    """The local stack of a fresh state directory, its files written."""
+    made = local.Stack(tmp_path / "state", local.Options(demo=True), environ={"PATH": os.environ["PATH"]})
+    made.secrets_dir.mkdir(parents=True)
+    made.prepare_files()
+    return made
+
+
+def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return config["services"]
+
+
+def command(service: dict[str, Any]) -> list[str]:
+    return list(service.get("entrypoint") or []) + list(service.get("command") or [])
+
+
+def flag(argv: list[str], name: str) -> str:
+    """The value of ``--name VALUE`` or ``--name=VALUE``."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {argv}")
+
+
+def workers(config: dict[str, Any]) -> dict[str, list[str]]:
+    """service -> its work queues, for every service running `python -m service worker`."""
+    found = {}
+    for name, service in services(config).items():
+        argv = command(service)
+        if argv[:4] == ["python", "-m", "service", "worker"]:
+            found[name] = flag(argv, "--queues").split(",")
+    return found
+
+
+# --------------------------------------------------------------------------- the compose file
+
+
+def test_docker_compose_config_is_valid(config: dict[str, Any]) -> None:
+    assert set(LONG_RUNNING) | {"broker-definitions"} == set(services(config))
+
+
+def test_images_are_pinned(config: dict[str, Any]) -> None:
+    for name, service in services(config).items():
+        image = service.get("image", "")
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and "/" not in tag, f"{name}: image {image!r} has no tag"
+        assert tag != "latest", f"{name}: image {image!r} is not pinned"
+    stages = re.findall(r"^FROM \S+ AS (\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM ") and line.split()[1] not in stages:
+            image = line.split()[1]
+            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", image), f"Dockerfile: {image} is not pinned"
+
+
+def test_workers_are_split_so_urgent_work_never_waits_behind_bulk(config: dict[str, Any]) -> None:
+    consumed = workers(config)
+    assert ["urgent"] in consumed.values(), "urgent needs workers of its own"
+    every = [q for names in consumed.values() for q in names]
+    assert sorted(every) == sorted(queues.WORK_QUEUE_NAMES), "each work queue is consumed by exactly one service"
+    for name, names in consumed.items():
+        if "urgent" in names:
+            assert names == ["urgent"], f"{name} mixes urgent with {names}"
+
+
+def test_exactly_one_beat(config: dict[str, Any]) -> None:
+    beats = [n for n, s in services(config).items() if command(s)[:4] == ["python", "-m", "service", "beat"]]
+    assert beats == ["beat"]
+    assert "deploy" not in services(config)["beat"] and "scale" not in services(config)["beat"]
+
+
+def test_stop_grace_period_outlasts_the_hard_time_limit(config: dict[str, Any]) -> None:
+    for name in workers(config):
+        service = services(config)[name]
+        hard = float(service["environment"].get("KIT_HARD_TIME_LIMIT") or HARD_TIME_LIMIT_DEFAULT)
+        grace = local.parse_duration(service.get("stop_grace_period"))
+        assert grace > hard, f"{name}: stop_grace_period {grace:g}s <= KIT_HARD_TIME_LIMIT {hard:g}s"
+        assert service.get("stop_signal", "SIGTERM") == "SIGTERM", "SIGTERM is Celery's warm shutdown"
+
+
+def test_health_checks_restart_policies_and_resource_limits(config: dict[str, Any]) -> None:
+    for name in LONG_RUNNING:
+        service = services(config)[name]
+        assert service.get("restart") == "unless-stopped", f"{name}: no restart policy"
+        if name not in NO_HEALTHCHECK:
+            assert service.get("healthcheck", {}).get("test"), f"{name}: no health check"
+    assert services(config)["broker-definitions"]["restart"] == "no"
+    for name, service in services(config).items():
+        assert service.get("mem_limit") and service.get("cpus"), f"{name}: no resource limits"
+
+
+def test_services_wait_for_a_healthy_broker(config: dict[str, Any]) -> None:
+    for name, service in services(config).items():
+        if "KIT_BROKER_URL" in service.get("environment", {}):
+            assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+
+
+def test_flower_and_demo_are_optional_profiles(config: dict[str, Any]) -> None:
+    assert services(config)["flower"]["profiles"] == ["flower"]
+    assert services(config)["demo"]["profiles"] == ["demo"]
+    for name in set(LONG_RUNNING) - {"flower", "demo"}:
+        assert not services(config)[name].get("profiles"), f"{name} must start by default"
+
+
+# --------------------------------------------------------------------------- no guest, secrets
+
+
+def test_no_guest_and_one_user_per_role(config: dict[str, Any]) -> None:
+    code = "\n".join(line.split("#")[0] for line in COMPOSE.read_text().splitlines())
+    assert "guest" not in code.lower()
+    users = set()
+    for name, service in services(config).items():
+        env = service.get("environment", {})
+        assert not any(k.startswith("RABBITMQ_DEFAULT") for k in env), name
+        if "KIT_BROKER_URL" in env:
+            url = env["KIT_BROKER_URL"]
+            user = re.match(r"pyamqp://([^:@]+)@rabbitmq:5672/kit$", url)
+            assert user, f"{name}: {url} (no password in the URL; user@rabbitmq:5672/kit)"
+            role = user.group(1).removeprefix("kit-")
+            assert role in broker.ROLES, f"{name}: {user.group(1)} is not a kit role"
+            assert env["KIT_BROKER_PASSWORD_FILE"] == f"/run/secrets/{broker.SECRET_FILE.format(role=role)}"
+            assert {"source": broker.SECRET_FILE.format(role=role)} in service["secrets"], name
+            users.add(role)
+    assert users == {"worker", "publisher", "monitor"}
+    roles = {n: workers(config).get(n) for n in services(config)}
+    for name, queue_names in roles.items():
+        if queue_names:
+            assert "kit-worker@" in services(config)[name]["environment"]["KIT_BROKER_URL"]
+            assert services(config)[name]["environment"]["KIT_DECLARE_TOPOLOGY"] == "false"
+
+
+def test_rabbitmq_loads_the_definitions_at_boot(config: dict[str, Any]) -> None:
+    conf = dict(
+        (k.strip(), v.strip()) for k, v in
+        (line.split("=", 1) for line in (REPO / "deploy/rabbitmq/rabbitmq.conf").read_text().splitlines()
+         if line.strip() and not line.lstrip().startswith("#"))
+    )
+    assert "default_user" not in conf and "default_pass" not in conf
+    assert conf["loopback_users.guest"] == "true"
+    assert conf.get("loopback_users") != "none"
+    definitions = services(config)["broker-definitions"]
+    argv = command(definitions)
+    assert argv[:5] == ["python", "-m", "service", "broker", "definitions"]
+    assert flag(argv, "--vhost") == "kit"
+    assert flag(argv, "--secrets-dir") == "/run/secrets"
+    assert conf["load_definitions"] == flag(argv, "--out")
+    volume = lambda service: next(v for v in service["volumes"] if v.startswith("rabbitmq-definitions:"))  # noqa: E731
+    out_dir = str(Path(flag(argv, "--out")).parent)
+    assert volume(definitions).split(":")[1] == out_dir
+    assert volume(services(config)["rabbitmq"]).split(":")[1] == out_dir
+    assert services(config)["rabbitmq"]["depends_on"]["broker-definitions"] == {
+        "condition": "service_completed_successfully"}
+    secrets = {s["source"] for s in definitions["secrets"]}
+    assert secrets == {broker.SECRET_FILE.format(role=r) for r in broker.ROLES}
+    mem_limit = services(config)["rabbitmq"]["mem_limit"]
+    assert size(conf["total_memory_available_override_value"]) == size(mem_limit), (
+        "RabbitMQ's memory alarm must be computed against the container's mem_limit")
+    plugins = (REPO / "deploy/rabbitmq/enabled_plugins").read_text()
+    assert re.fullmatch(r"\s*\[\s*[a-z_]+(\s*,\s*[a-z_]+)*\s*\]\.\s*", plugins), "not an Erlang list term"
+    assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
+
+
+def test_grafana_admin_password_comes_from_a_secret(config: dict[str, Any]) -> None:
+    grafana = services(config)["grafana"]
+    env = grafana["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert {"source": "grafana_admin_password"} in grafana["secrets"]
+    assert env["PROMETHEUS_URL"] == "http://prometheus:9090"
+
+
+def test_make_secrets_creates_every_compose_secret(config: dict[str, Any], tmp_path: Path) -> None:
+    target = tmp_path / "secrets"
+    assert_ok(run("bash", REPO / "scripts/make-secrets.sh", target))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    for name, secret in config["secrets"].items():
+        assert Path(secret["file"]).parent == REPO / "secrets", f"{name}: secrets live in ./secrets/"
+        assert (target / name).is_file(), f"make-secrets.sh did not create {name}"
+    passwords = broker.read_passwords(target)  # long enough, not a well-known default
+    assert len(set(passwords.values())) == len(passwords)
+    assert len((target / "grafana_admin_password").read_text()) >= 32
+    before = {p.name: p.read_text() for p in target.iterdir()}
+    assert_ok(run("bash", REPO / "scripts/make-secrets.sh", target))
+    assert before == {p.name: p.read_text() for p in target.iterdir()}, "a second run changed a secret"
+
+
+def test_secrets_are_never_committed_nor_built_into_images() -> None:
+    result = subprocess.run(["git", "check-ignore", "-q", "secrets/rabbitmq_admin_password"], cwd=REPO)
+    assert result.returncode == 0, "add secrets/ to .gitignore"
+    dockerignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert dockerignore[[line.strip() for line in dockerignore].index("*")] == "*", "the build context is opt-in"
+    assert not any("secret" in line for line in dockerignore if line.startswith("!"))
+
+
+# --------------------------------------------------------------------------- mounted files and their validators
+
+
+def test_every_mounted_and_built_file_exists(config: dict[str, Any]) -> None:
+    for name, service in services(config).items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("/"):
+                assert Path(source).exists(), f"{name} mounts {source}, which does not exist"
+                assert Path(source).resolve().is_relative_to(REPO), f"{name} mounts {source} from outside the repo"
+        if "build" in service:
+            assert Path(service["build"]["context"]) == REPO
+            dockerfile = REPO / service["build"].get("dockerfile", "Dockerfile")
+            assert re.search(rf"^FROM \S+ AS {service['build']['target']}$", dockerfile.read_text(), re.M), name
+    allowed = [line[1:] for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
+                assert any(source == a or source.startswith(a + "/") for a in allowed), (
+                    f"{source} is excluded from the build context by .dockerignore")
+
+
+def _compose_prometheus_dir(tmp_path: Path) -> Path:
+    """/etc/prometheus as compose assembles it from its two mounts."""
+    etc = tmp_path / "etc-prometheus"
+    shutil.copytree(REPO / "deploy/prometheus", etc)
+    shutil.rmtree(etc / "targets")
+    shutil.copytree(REPO / "deploy/compose/prometheus-targets", etc / "targets")
+    return etc
+
+
+def test_prometheus_config_as_compose_mounts_it(config: dict[str, Any], tmp_path: Path) -> None:
+    prometheus = services(config)["prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in command(prometheus)
+    etc = _compose_prometheus_dir(tmp_path)
+    assert_ok(run("promtool", "check", "config", "prometheus.yml", cwd=etc))
+    assert_ok(run("promtool", "check", "rules", *sorted((etc / "rules").glob("*.yml"))))
+    hosts = set(services(config))
+    for path in sorted((etc / "targets").glob("*.json")):
+        for group in json.loads(path.read_text()):
+            for target in group["targets"]:
+                host, port = target.rsplit(":", 1)
+                assert host in hosts, f"{path.name}: {target} is not a compose service"
+                assert int(port) in local.container_ports(services(config)[host]) or host == "rabbitmq", target
+
+
+def test_prometheus_config_as_the_local_stack_runs_it(stack: local.Stack) -> None:
+    prometheus = stack.component("prometheus")
+    config_file = Path(flag(list(prometheus.argv), "--config.file"))
+    assert config_file.resolve() == REPO / "deploy/prometheus/prometheus.yml", "the repo's own file, not a copy"
+    assert (config_file.parent / "rules").resolve() == REPO / "deploy/prometheus/rules"
+    assert_ok(run("promtool", "check", "config", config_file.name, cwd=config_file.parent))
+
+
+def test_local_targets_are_the_compose_targets_mapped(stack: local.Stack) -> None:
+    """deploy/prometheus/targets/ is what the stack derives from compose's targets at port offset 0."""
+    generated = Path(flag(list(stack.component("prometheus").argv), "--config.file")).parent / "targets"
+    committed = sorted(p.name for p in (REPO / "deploy/prometheus/targets").glob("*.json"))
+    assert sorted(p.name for p in generated.glob("*.json")) == committed
+    for name in committed:
+        assert json.loads((generated / name).read_text()) == json.loads(
+            (REPO / "deploy/prometheus/targets" / name).read_text()), name
+
+
+def test_alertmanager_config_as_compose_and_the_local_stack_run_it(config: dict[str, Any],
+                                                                   stack: local.Stack) -> None:
+    alertmanager = services(config)["alertmanager"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in command(alertmanager)
+    assert {s["source"] for s in alertmanager["secrets"]} == set(alertmanager_config.SECRET_FILES)
+    assert_ok(run("amtool", "check-config", REPO / "deploy/alertmanager/alertmanager.yml"))
+    rendered = Path(flag(list(stack.component("alertmanager").argv), "--config.file"))
+    assert_ok(run("amtool", "check-config", rendered))
+    text = rendered.read_text()
+    assert "pagerduty.com" not in text and "example.com:587" not in text, "local alerts stay on this machine"
+    assert str(stack.secrets_dir) in text
+    committed = (REPO / "deploy/alertmanager/alertmanager.yml").read_text()
+    section = lambda t: t[t.index("\nroute:"):t.index("\nreceivers:")]  # noqa: E731
+    assert section(text) == section(committed), "routing and inhibition are the committed ones"
+
+
+def test_grafana_files_parse(config: dict[str, Any]) -> None:
+    grafana = services(config)["grafana"]
+    sources = {v.split(":")[1]: Path(v.split(":")[0]) for v in grafana["volumes"] if v.startswith("/")}
+    provisioning = sources["/etc/grafana/provisioning"]
+    for path in sorted(provisioning.rglob("*.yml")):
+        assert yaml.safe_load(path.read_text())["apiVersion"] == 1, path
+    dashboards_path = yaml.safe_load((provisioning / "dashboards/kit.yml").read_text())
+    assert dashboards_path["providers"][0]["options"]["path"] in sources, "the dashboards directory is mounted"
+    dashboards = sorted(sources["/var/lib/grafana/dashboards"].glob("*.json"))
+    assert dashboards
+    for path in dashboards:
+        assert json.loads(path.read_text())["uid"], path
+
+
+# --------------------------------------------------------------------------- one source: compose and the stack
+
+
+def test_every_service_is_placed_in_the_local_stack(raw: dict[str, Any]) -> None:
+    spec = raw[local.LOCAL_KEY]
+    placed = list(spec["services"]) + spec["external"] + spec["not-local"]
+    assert sorted(placed) == sorted(raw["services"]), "each service runs locally, externally, or not locally"
+
+
+def test_the_stack_runs_the_compose_commands(config: dict[str, Any], stack: local.Stack) -> None:
+    for component in stack.all_components():
+        compose_argv = command(services(config)[component.name])
+        argv = list(component.argv)
+        assert len(argv) == len(compose_argv), component.name
+        spec = stack.local_services[component.name]
+        if spec.get("venv"):
+            assert argv[0] == str(REPO / spec["venv"] / "bin" / "python"), component.name
+        else:
+            assert Path(argv[0]).name == spec["executables"][compose_argv[0]], component.name
+        for ours, theirs in zip(argv[1:], compose_argv[1:], strict=True):
+            if ours == theirs:
+                continue
+            # Only hosts and container paths differ, in the documented ways.
+            ours_norm = ours.replace("127.0.0.1", "HOST")
+            theirs_norm = re.sub(r"(0\.0\.0\.0|localhost|127\.0\.0\.1)", "HOST", theirs)
+            if ours_norm == theirs_norm:
+                continue
+            flag_name = theirs.split("=", 1)[0]
+            assert ours.startswith(flag_name + "=/"), f"{component.name}: {theirs} became {ours}"
+            assert Path(ours.split("=", 1)[1]).is_relative_to(stack.state_dir), (component.name, ours)
+    # Kit services run exactly the compose command.
+    for name in ("worker-urgent", "worker-default-bulk", "beat", "demo"):
+        assert list(stack.component(name).argv[1:]) == command(services(config)[name])[1:]
+
+
+def test_the_stack_uses_the_compose_environment(config: dict[str, Any], stack: local.Stack) -> None:
+    for component in stack.all_components():
+        env = services(config)[component.name].get("environment", {})
+        for key, value in env.items():
+            if value is None:
+                assert key not in component.env, f"{component.name}: {key} is passed through only when set"
+                continue
+            ours = component.env[key]
+            if key == "KIT_BROKER_URL":
+                assert ours == value.replace("@rabbitmq:", "@127.0.0.1:"), component.name
+            elif value.startswith("/"):
+                assert Path(ours).is_relative_to(stack.state_dir), (component.name, key, ours)
+            else:
+                assert ours == value, (component.name, key)
+
+
+def test_ports_move_with_the_offset_and_the_broker_stays(tmp_path: Path) -> None:
+    base = local.Stack(tmp_path, local.Options(demo=True))
+    moved = local.Stack(tmp_path, local.Options(port_offset=1000, vhost="v", user_prefix="p-", demo=True))
+    for a, b in zip(base.all_components(), moved.all_components(), strict=True):
+        assert [p + 1000 for p in a.ports] == list(b.ports), a.name
+        if a.probe and a.probe.url:
+            assert a.probe.url != b.probe.url
+    env = moved.component("worker-urgent").env
+    assert env["KIT_BROKER_URL"] == "pyamqp://p-worker@127.0.0.1:5672/v"
+    assert env["KIT_METRICS_PORT"] == "10810"
+    assert moved.management_url() == "http://127.0.0.1:15672"
+    urls = moved.urls()
+    assert urls["prometheus"] == "http://127.0.0.1:10090" and urls["rabbitmq"] == "http://127.0.0.1:15672"
+
+
+def test_exporter_watches_every_work_and_dead_letter_queue(config: dict[str, Any]) -> None:
+    argv = command(services(config)["celery-exporter"])
+    expected = [q.name for q in queues.WORK_QUEUES + queues.DEAD_LETTER_QUEUES]
+    assert flag(argv, "--queues").split(",") == expected
+    assert not any(a.startswith("--broker-url") for a in argv), "the password stays out of the command line"
+
+
+def test_exporter_launcher_puts_the_password_file_into_the_url(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("celery_exporter", REPO / "scripts/celery_exporter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    secret = tmp_path / "password"
+    secret.write_text("p@ss/w:rd\n")
+    url = module.broker_url({"KIT_BROKER_URL": "pyamqp://kit-monitor@rabbitmq:5672/kit",
+                             "KIT_BROKER_PASSWORD_FILE": str(secret)})
+    assert url == "pyamqp://kit-monitor:p%40ss%2Fw%3Ard@rabbitmq:5672/kit"
+    assert module.broker_url({"KIT_BROKER_URL": "pyamqp://u:x@h:1/v"}) == "pyamqp://u:x@h:1/v"

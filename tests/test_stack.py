@@ -1,0 +1,174 @@
+"""The README's run command, for real: `python -m service stack up --demo` on the
+shared RabbitMQ, then up again, status, Prometheus and the demo's metrics, down.
+
+The stack gets a state directory, vhost, user prefix and port offset of its own,
+so it never meets another stack on this machine (a developer's, or the one the
+README starts) and leaves nothing behind on the broker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from service import stack as local
+from tests.observability import http_json
+from tests.support import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, MANAGEMENT_URL, REPO, management, wait_until
+
+JOBS = ("rabbitmq", "celery-exporter", "kit-workers")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_offset(base_ports: list[int]) -> int:
+    """An offset under which every port of the stack is free."""
+    for _ in range(200):
+        offset = 20000 + int.from_bytes(os.urandom(2), "big") % 25000
+        if all(_free(p + offset) for p in base_ports):
+            return offset
+    raise AssertionError("no free port range for the stack")
+
+
+@dataclass
+class LocalStack:
+    state_dir: Path
+    env: dict[str, str]
+    vhost: str
+    prefix: str
+    offset: int
+
+    def cli(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "service", "stack", *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    @property
+    def prometheus(self) -> str:
+        return f"http://127.0.0.1:{9090 + self.offset}"
+
+    def query(self, expr: str) -> float:
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        result = http_json(url)["data"]["result"]
+        return float(result[0]["value"][1]) if result else 0.0
+
+    def targets(self) -> dict[str, list[str]]:
+        """job -> health of each of its targets."""
+        jobs: dict[str, list[str]] = {}
+        for target in http_json(f"{self.prometheus}/api/v1/targets")["data"]["activeTargets"]:
+            jobs.setdefault(target["labels"]["job"], []).append(target["health"])
+        return jobs
+
+
+def pids(output: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+pid (\d+)\s+(?:started|already running)$", output, re.M)}
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    state_dir = tmp_path_factory.mktemp("stack") / "state"
+    tag = uuid.uuid4().hex[:8]
+    base = local.Stack(state_dir, local.Options(demo=True))
+    offset = _port_offset([p for c in base.all_components() for p in c.ports])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KIT_", "SENTRY_"))}
+    env.update({
+        "KIT_STATE_DIR": str(state_dir),
+        # The broker's administrator, to create the stack's vhost and users.
+        "KIT_BROKER_URL": f"pyamqp://{ADMIN_USER}:{ADMIN_PASSWORD}@{AMQP_HOST}:{AMQP_PORT}//",
+        "KIT_ADMIN_URL": MANAGEMENT_URL,
+    })
+    stack = LocalStack(state_dir, env, f"kit-stack-{tag}", f"ks{tag}-", offset)
+    try:
+        yield stack
+    finally:
+        stack.cli("down", timeout=600)
+        management("DELETE", f"/api/vhosts/{urllib.parse.quote(stack.vhost, safe='')}")
+        for user in management("GET", "/api/users"):
+            if user["name"].startswith(stack.prefix):
+                management("DELETE", f"/api/users/{urllib.parse.quote(user['name'], safe='')}")
+
+
+def test_up_down_and_everything_in_between(running: LocalStack) -> None:
+    started = time.monotonic()
+    up = running.cli("up", "--demo", "--port-offset", str(running.offset), "--vhost", running.vhost,
+                     "--user-prefix", running.prefix, "--wait", "90")
+    assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+    first = pids(up.stdout)
+    expected = [c.name for c in local.Stack(running.state_dir, local.Options(demo=True)).all_components()]
+    assert sorted(first) == sorted(expected), up.stdout
+    for name in ("rabbitmq", "prometheus", "alertmanager", "flower"):
+        assert re.search(rf"^{name}\s+http://127\.0\.0\.1:\d+$", up.stdout, re.M), f"no URL for {name}"
+    assert f"http://127.0.0.1:{9090 + running.offset}" in up.stdout
+    print(f"\nstack up --demo: {time.monotonic() - started:.1f}s")
+
+    # Up again: harmless, the same processes keep running.
+    again = running.cli("up", "--wait", "30")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert pids(again.stdout) == first
+    assert again.stdout.count("already running") == len(first)
+
+    status = running.cli("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    for name, pid in first.items():
+        assert re.search(rf"^{name}\s+running, pid {pid}\s+healthy$", status.stdout, re.M), status.stdout
+    assert re.search(r"^queue urgent\s+ready \d+\s+consumers [1-9]", status.stdout, re.M), status.stdout
+
+    # Prometheus scrapes every target of the stack ...
+    wait_until(lambda: all(running.targets().get(job) and set(running.targets()[job]) == {"up"} for job in JOBS),
+               60, "every Prometheus target up", interval=1)
+    # ... and the demo traffic shows: successes, retries and dead letters, in this stack's vhost.
+    vhost = running.vhost
+    wait_until(lambda: running.query("sum(celery_task_succeeded_total)") > 0, 60, "succeeded tasks", interval=2)
+    wait_until(lambda: running.query("sum(kit_retries_scheduled_total)") > 0, 60, "retried tasks", interval=2)
+    wait_until(lambda: running.query("sum(kit_dead_letters_total)") > 0
+               or running.query(f'sum(rabbitmq_queue_messages_ready{{vhost="{vhost}",queue=~".*\\\\.dead"}})') > 0,
+               90, "dead letters", interval=2)
+    assert running.query(f'count(rabbitmq_queue_messages_ready{{vhost="{vhost}"}})') > 0
+    print(f"targets up and demo traffic in the metrics after {time.monotonic() - started:.1f}s")
+
+    # Down stops only what up started: not a process of ours, not even one with a recycled pid file.
+    bystander = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        down = running.cli("down", timeout=600)
+        assert down.returncode == 0, down.stdout + down.stderr
+        for name in first:
+            assert re.search(rf"^{name}\s+stopped$", down.stdout, re.M), down.stdout
+        for pid in first.values():
+            wait_until(lambda pid=pid: local._start_time(pid) is None, 10, f"pid {pid} to exit")
+        (running.state_dir / "run" / "demo.pid").write_text(f"{bystander.pid} 1\n")
+        again_down = running.cli("down")
+        assert re.search(r"^demo\s+not running$", again_down.stdout, re.M), again_down.stdout
+        assert bystander.poll() is None, "down signalled a process it did not start"
+    finally:
+        bystander.send_signal(signal.SIGKILL)
+        bystander.wait()
+
+    status = running.cli("status")
+    assert status.returncode == 1
+    for name in first:
+        if name != "demo":
+            assert re.search(rf"^{name}\s+NOT RUNNING$", status.stdout, re.M), status.stdout
+    try:
+        urllib.request.urlopen(running.prometheus, timeout=2)
+        raise AssertionError("Prometheus still answers after down")
+    except OSError:
+        pass
+    print(f"whole cycle: {time.monotonic() - started:.1f}s")

@@ -13,29 +13,17 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
 from service import queues
-from service.errors import KitError
+from service.cli_errors import friendly_errors
 from service.settings import ConfigError, load
 
-EXIT_ERROR = 2
 EXIT_DRIFT = 1
 
 
-def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (KitError, ConfigError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +42,7 @@ def _register_subcommands() -> None:
 
 @main.command()
 @click.option("--markdown", is_flag=True, help="Print the table of variables and defaults (as in README.md).")
-@_friendly_errors
+@friendly_errors
 def config(markdown: bool) -> None:
     """Show the effective configuration (passwords hidden), or the documented defaults."""
     from service.settings import SETTINGS, redact_url
@@ -81,7 +69,7 @@ def topology() -> None:
 
 
 @topology.command("declare")
-@_friendly_errors
+@friendly_errors
 def topology_declare() -> None:
     """Declare every exchange, queue and binding (idempotent)."""
     from service.topology import connect, declare
@@ -99,7 +87,7 @@ def topology_declare() -> None:
 
 
 @topology.command("verify")
-@_friendly_errors
+@friendly_errors
 def topology_verify() -> None:
     """Compare the live broker with the code; exit 1 when they differ. Creates nothing."""
     from service.topology import connect, verify
@@ -140,7 +128,7 @@ def _json_option(value: str | None, what: str, kind: type) -> Any:
               help="Work queue (default: the task's route in service/queues.py).")
 @click.option("--countdown", type=click.FloatRange(min=0), help="Seconds to wait in the broker before it runs.")
 @click.option("--task-id", help="Task id to use (default: a new UUID).")
-@_friendly_errors
+@friendly_errors
 def publish(name: str, args_json: str | None, kwargs_json: str | None, priority: str,
             queue: str | None, countdown: float | None, task_id: str | None) -> None:
     """Publish task NAME and print its id once the broker confirmed it.
@@ -173,7 +161,7 @@ def _queue_list(value: str | None) -> list[str]:
 @click.option("--concurrency", type=click.IntRange(min=1), help="Processes (default: KIT_CONCURRENCY).")
 @click.option("--name", "node_name", help="Node name (default: <queues>@<host>).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-@_friendly_errors
+@friendly_errors
 def worker(queue_names: str | None, concurrency: int | None, node_name: str | None,
            celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker on work queues only (never dead-letter or wait queues).
@@ -201,7 +189,7 @@ def worker(queue_names: str | None, concurrency: int | None, node_name: str | No
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-@_friendly_errors
+@friendly_errors
 def beat(celery_args: tuple[str, ...]) -> None:
     """Run Celery beat (exactly one per deployment); its schedule file lives in KIT_STATE_DIR."""
     settings = load()
@@ -215,7 +203,7 @@ def beat(celery_args: tuple[str, ...]) -> None:
 @click.option("--rate", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Tasks per second.")
 @click.option("--webhook-url", default="http://127.0.0.1:9/hook", show_default=True,
               help="Webhook target of the demo (the default refuses connections, so those retry and dead-letter).")
-@_friendly_errors
+@friendly_errors
 def demo(count: int, rate: float, webhook_url: str) -> None:
     """Publish a mix of demo tasks: exports, clean-ups, e-mails and webhooks, mixed priorities."""
     from service.client import Publisher
@@ -302,7 +290,7 @@ def _show_urls(current: Any) -> None:
 @click.option("--user-prefix", help="Prefix of the broker users (default kit-: kit-worker, kit-monitor, ...).")
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=120, show_default=True,
               help="Seconds to wait for every component to pass its health check.")
-@_friendly_errors
+@friendly_errors
 def stack_up(demo: bool, port_offset: int | None, vhost: str | None, user_prefix: str | None,
              wait_seconds: float) -> None:
     """Start RabbitMQ if needed, provision its users and topology, start what is not running.
@@ -363,7 +351,7 @@ def _stack_up(current: Any, wait_seconds: float) -> None:
 
 
 @stack.command("down")
-@_friendly_errors
+@friendly_errors
 def stack_down() -> None:
     """Stop the processes that `stack up` started (workers: warm shutdown). RabbitMQ keeps running."""
     from service import stack as local
@@ -380,7 +368,7 @@ def stack_down() -> None:
 
 
 @stack.command("status")
-@_friendly_errors
+@friendly_errors
 def stack_status() -> None:
     """What runs, what fails its health check, the broker's queue depths, the URLs. Exit 1 if anything is down."""
     from service import stack as local
@@ -442,7 +430,7 @@ _user_prefix = click.option("--user-prefix", default="kit-", show_default=True,
 @_user_prefix
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="File to write (mode 0600: it holds password hashes); for load_definitions.")
-@_friendly_errors
+@friendly_errors
 def broker_definitions(secrets_dir: str, vhost: str, user_prefix: str, out: str) -> None:
     """Write the definitions: vhost, users, permissions and the whole topology."""
     from service.broker import definitions, read_passwords, write_definitions
@@ -464,7 +452,7 @@ def broker_definitions(secrets_dir: str, vhost: str, user_prefix: str, out: str)
 @click.option("--admin-password-file", envvar="KIT_ADMIN_PASSWORD_FILE", type=click.Path(dir_okay=False),
               help="File with that administrator's password (env KIT_ADMIN_PASSWORD_FILE; "
                    "default: the admin role's file in --secrets-dir).")
-@_friendly_errors
+@friendly_errors
 def broker_provision(secrets_dir: str, vhost: str, user_prefix: str, management_url: str, admin_user: str,
                      admin_password_file: str | None) -> None:
     """Create or update the vhost, users, permissions and topology over the management API (idempotent)."""

@@ -6,7 +6,6 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from service import deadletters as dl
-from service.errors import KitError
-from service.settings import ConfigError, Settings, load
+from service.cli_errors import friendly_errors
+from service.settings import Settings, load
 
-EXIT_ERROR = 2
 EXIT_PARTIAL = 1
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (KitError, ConfigError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
-
-    return wrapper
 
 
 def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -103,7 +91,7 @@ def dlq() -> None:
 @dlq.command()
 @click.option("--queue", "-q", "queue_names", multiple=True, metavar="QUEUE", help="Queue(s); default: all.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_friendly
+@friendly_errors
 def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
     """Per dead-letter queue: count, oldest, newest, and counts by task, exception and reason."""
     names = dl.resolve_queues(queue_names)
@@ -123,7 +111,7 @@ def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
 @dlq.command("list")
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_friendly
+@friendly_errors
 def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwargs: Any) -> None:
     """List dead letters (id, task, exception, attempts, source queue, when it died). Changes nothing."""
     filters = _filters(kwargs)
@@ -157,7 +145,7 @@ def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwar
 @click.option("--queue", "-q", "queue_names", multiple=True, metavar="QUEUE", help="Queue(s) to look in.")
 @click.option("--hide-args", is_flag=True, help="Do not print the task's arguments (they may hold personal data).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_friendly
+@friendly_errors
 def show(letter_id: str, queue_names: tuple[str, ...], hide_args: bool, as_json: bool) -> None:
     """Everything about one dead letter: reason, traceback, arguments, headers, x-death history."""
     with _connection(load()) as conn:
@@ -225,7 +213,7 @@ def _summary(totals: dict[str, int], verbs: dict[str, str]) -> str:
 @click.option("--batch", type=click.IntRange(min=1), default=dl.REPLAY_BATCH, show_default=True,
               help="Confirm N messages at a time: faster, but a kill may then replay up to N twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_friendly
+@friendly_errors
 def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None, rate: float | None,
            dry_run: bool, max_replays: int | None, force: bool, batch: int, as_json: bool, **kwargs: Any) -> None:
     """Put matching dead letters back on their source queue, with a fresh retry budget.
@@ -278,7 +266,7 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
 @click.option("--archive", type=click.Path(dir_okay=False, path_type=Path),
               help="Append the purged messages to this JSON Lines file first (dlq import reads it).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@_friendly
+@friendly_errors
 def purge(queue_names: tuple[str, ...], limit: int | None, archive: Path | None, yes: bool, **kwargs: Any) -> None:
     """Delete matching dead letters (asks first). With --archive, each is saved before it is deleted."""
     filters = _filters(kwargs)
@@ -334,7 +322,7 @@ def _purge_locked(conn: Any, names: list[str], filters: dl.Filters, limit: int |
 @filter_options
 @click.option("--output", "-o", "output", required=True, metavar="FILE",
               help="JSON Lines file to write ('-' for standard output).")
-@_friendly
+@friendly_errors
 def export(queue_names: tuple[str, ...], limit: int | None, output: str, **kwargs: Any) -> None:
     """Write matching dead letters to a JSON Lines archive. Changes nothing."""
     filters = _filters(kwargs)
@@ -358,7 +346,7 @@ def export(queue_names: tuple[str, ...], limit: int | None, output: str, **kwarg
 @click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--queue", "-q", "queue_name", metavar="QUEUE", help="Dead-letter queue to import into "
               "(default: the one each message was exported from).")
-@_friendly
+@friendly_errors
 def import_(archive: Path, queue_name: str | None) -> None:
     """Put an archive written by export or purge --archive back into dead-letter queues, byte for byte."""
     settings = load()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from service import queues
 from service.client import Publisher, TaskRequest
@@ -90,6 +91,7 @@ class Stack:
                 "targets/alertmanager.json": [{"targets": [f"127.0.0.1:{self.alertmanager_port}"]}],
             },
         )
+        _only_this_vhost(prom_config, self.vhost.name)
         self.prometheus = Prometheus(prom_config, workdir)
         self.closers.append(self.prometheus)
         self.prometheus.wait_ready()
@@ -124,6 +126,19 @@ class Stack:
             except Exception:  # noqa: BLE001 - tear everything down regardless
                 pass
         self.vhost.delete()
+
+
+def _only_this_vhost(config: Path, vhost: str) -> None:
+    """Scrape only the drill's vhost, so other vhosts on a shared broker can't hold an alert open.
+
+    This narrows what the drill's Prometheus scrapes; the rules are untouched.
+    """
+    document = yaml.safe_load(config.read_text())
+    for job in document["scrape_configs"]:
+        if job["job_name"] == "rabbitmq":
+            job.setdefault("metric_relabel_configs", []).append(
+                {"source_labels": ["vhost"], "regex": f"({vhost})?", "action": "keep"})
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
 @pytest.fixture(scope="module")

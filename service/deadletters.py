@@ -40,7 +40,7 @@ from kombu import Connection
 from service import headers as h
 from service import queues
 from service.errors import KitError
-from service.publishing import ConfirmedChannel, Outgoing
+from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings
 
 #: The kit's own replay counter (not an x- header: RabbitMQ 3.13+ owns those).
@@ -51,8 +51,6 @@ REPLAYED_AT_HEADER = "kit-replayed-at"
 _RESET_ON_REPLAY = (h.WORKER_LOST, queues.WAIT_HEADER, "x-death", "x-first-death-exchange",
                     "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange",
                     "x-last-death-queue", "x-last-death-reason")
-_KEPT_PROPERTIES = ("content_type", "content_encoding", "priority", "correlation_id", "reply_to",
-                    "message_id", "timestamp", "type", "app_id")
 #: Purges and imports confirm (or sync) this many messages at a time.
 BATCH = 200
 #: A replay republishes and confirms one message before acking it, so killing
@@ -457,9 +455,7 @@ def replayed_message(letter: DeadLetter, target: str) -> Outgoing:
     headers[REPLAYS_HEADER] = letter.replays + 1
     headers[REPLAYED_AT_HEADER] = h.utc_now_iso()
     headers[h.ENQUEUED_AT] = time.time()
-    properties = {k: v for k, v in letter.properties.items() if k in _KEPT_PROPERTIES and v is not None}
-    properties["delivery_mode"] = 2
-    return Outgoing(queues.TASK_EXCHANGE, target, letter.body, headers, properties)
+    return Outgoing(queues.TASK_EXCHANGE, target, letter.body, headers, republished_properties(letter.properties))
 
 
 class _Pacer:
@@ -721,8 +717,7 @@ def import_records(conn: Connection, settings: Settings, records: list[dict[str,
         outgoing = []
         for record in records:
             target = queue or record["queue"]
-            properties = {k: v for k, v in record["properties"].items() if k in _KEPT_PROPERTIES and v is not None}
-            properties["delivery_mode"] = 2
+            properties = republished_properties(record["properties"])
             # The dead-letter exchange routes by work queue name to its DLQ.
             outgoing.append(Outgoing(queues.DEAD_LETTER_EXCHANGE, work_queue_of(target), record["body"],
                                      record["headers"], properties))

@@ -7,6 +7,7 @@ never see each other's messages and the suite can run twice in a row.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,31 @@ class Worker:
             pass
         if not self._log.closed:
             self._log.close()
+
+
+@contextlib.contextmanager
+def running_beat(env: dict[str, str], log_path: Path) -> Iterator[Callable[[], None]]:
+    """Run real ``celery beat`` with ``env``; yield a check that fails the test if beat has exited.
+
+    Beat is stopped (SIGTERM, then SIGKILL of its process group) when the block ends.
+    """
+    with log_path.open("wb") as log:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "service.app", "beat", "-l", "INFO"],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+        def still_running() -> None:
+            if beat.poll() is not None:
+                raise AssertionError(f"beat exited with {beat.returncode}:\n{log_path.read_text(errors='replace')}")
+
+        try:
+            yield still_running
+        finally:
+            if beat.poll() is None:
+                beat.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    beat.wait(10)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(beat.pid, signal.SIGKILL)  # and anything it left in its group
+            beat.wait(10)

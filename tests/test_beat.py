@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.support import REPO, wait_until
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM beat and wait; SIGKILL its process group if it does not exit."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # and anything it left in its group
-    process.wait(10)
+from tests.support import running_beat, wait_until
 
 
 def test_beat_schedules_the_report_cleanup(kit_env, monkeypatch, start_worker, tmp_path):
@@ -43,20 +26,12 @@ def test_beat_schedules_the_report_cleanup(kit_env, monkeypatch, start_worker, t
 
     start_worker(queues=("bulk",))
     log_path = tmp_path / "beat.log"
-    with log_path.open("wb") as log:
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "service.app", "beat", "-l", "INFO"],
-            env=kit_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            def old_export_deleted() -> bool:
-                if beat.poll() is not None:
-                    pytest.fail(f"beat exited with {beat.returncode}:\n{log_path.read_text(errors='replace')}")
-                return not old.exists()
+    with running_beat(kit_env, log_path) as still_running:
+        def old_export_deleted() -> bool:
+            still_running()
+            return not old.exists()
 
-            wait_until(old_export_deleted, 20, "the scheduled clean-up to delete the old export", interval=0.1)
-        finally:
-            _stop(beat)
+        wait_until(old_export_deleted, 20, "the scheduled clean-up to delete the old export", interval=0.1)
 
     assert new.exists()
     assert any(state_dir.glob("celerybeat-schedule*"))  # beat kept its state where it was told

@@ -7,11 +7,8 @@ tests assert is what would reach sentry.io.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +29,7 @@ from celery.schedules import schedule as celery_schedule
 from service import headers as h
 from service.client import Publisher, TaskRequest
 from service.monitoring import sentry
-from tests.support import REPO, wait_until
+from tests.support import REPO, running_beat, wait_until
 from tests.worker_tasks import recorded
 
 SECRET_TASK = "test.secret_arguments"
@@ -231,16 +228,6 @@ def _seed_overdue_schedule(state_dir: Path, overdue: timedelta) -> None:
         scheduler.close()
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
-
-
 def test_beat_schedules_are_sentry_crons_monitors(sentry_env, endpoint, monkeypatch, start_worker, tmp_path):
     # Sentry Crons take whole minutes only (a 1 s interval is skipped with a
     # warning), so the clean-up runs every minute and beat finds it overdue.
@@ -252,22 +239,13 @@ def test_beat_schedules_are_sentry_crons_monitors(sentry_env, endpoint, monkeypa
     _seed_overdue_schedule(state_dir, timedelta(minutes=2))
 
     start_worker(queues=("bulk",))
-    log_path = tmp_path / "beat.log"
-    with log_path.open("wb") as log:
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "service.app", "beat", "-l", "INFO"],
-            env=sentry_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            def check_ins() -> list[dict[str, Any]]:
-                if beat.poll() is not None:
-                    pytest.fail(f"beat exited with {beat.returncode}:\n{log_path.read_text(errors='replace')}")
-                found = [c for c in endpoint.items("check_in") if c["monitor_slug"] == "maintenance.cleanup_reports"]
-                return found if {c["status"] for c in found} >= {"in_progress", "ok"} else []
+    with running_beat(sentry_env, tmp_path / "beat.log") as still_running:
+        def check_ins() -> list[dict[str, Any]]:
+            still_running()
+            found = [c for c in endpoint.items("check_in") if c["monitor_slug"] == "maintenance.cleanup_reports"]
+            return found if {c["status"] for c in found} >= {"in_progress", "ok"} else []
 
-            found = wait_until(check_ins, 30, "the in_progress and ok check-ins", interval=0.1)
-        finally:
-            _stop(beat)
+        found = wait_until(check_ins, 30, "the in_progress and ok check-ins", interval=0.1)
 
     started = next(c for c in found if c["status"] == "in_progress")  # from beat
     done = next(c for c in found if c["status"] == "ok")  # from the worker that ran it

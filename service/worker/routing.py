@@ -24,17 +24,12 @@ from service import queues
 from service.broker import declare_topology_enabled
 from service.errors import KitError
 from service.monitoring import metrics, sentry
-from service.publishing import ConfirmedChannel, Outgoing
+from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings, load
 from service.topology import connect, declare
 
 logger = logging.getLogger(__name__)
 
-# AMQP properties carried over unchanged from the original message.
-_KEPT_PROPERTIES = (
-    "content_type", "content_encoding", "priority", "correlation_id", "reply_to",
-    "message_id", "timestamp", "type", "user_id", "app_id",
-)
 
 _channel: ConfirmedChannel | None = None
 _channel_pid = 0
@@ -69,10 +64,9 @@ def source_queue(message: Message) -> str:
 
 
 def _properties(message: Message) -> dict[str, Any]:
-    props = {k: v for k, v in (message.properties or {}).items() if k in _KEPT_PROPERTIES and v is not None}
+    props = republished_properties(message.properties or {})
     props.setdefault("content_type", message.content_type)
     props.setdefault("content_encoding", message.content_encoding)
-    props["delivery_mode"] = 2
     return {k: v for k, v in props.items() if v is not None}
 
 

@@ -55,6 +55,11 @@ def management(method: str, path: str, body: Any = None) -> Any:
     return json.loads(payload) if payload else None
 
 
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q`` on the local test broker and return its output."""
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True).stdout
+
+
 class Vhost:
     """A fresh vhost on the test broker, with the admin user allowed everything."""
 
@@ -79,6 +84,22 @@ class Vhost:
         )
         conn.connect()
         return conn
+
+    def drop_connections(self, timeout: float = 20) -> None:
+        """Have the broker close every client connection into this vhost, and wait until none is left.
+
+        ``close_all_connections -p`` only reaches connections the broker has already
+        registered for the vhost, which happens asynchronously after the handshake; on a
+        busy broker a brand-new connection can be missed. So close again until the
+        broker's own connection list (not the management statistics, which lag) is empty.
+        """
+
+        def closed() -> bool:
+            rabbitmqctl("close_all_connections", "-p", self.name, "test: drop")
+            live = rabbitmqctl("list_connections", "vhost", "--no-table-headers").split()
+            return self.name not in live
+
+        wait_until(closed, timeout, f"the broker to drop every connection into {self.name}", interval=0.5)
 
     def counts(self, queue: str) -> tuple[int, int]:
         """(messages ready, consumers) of a queue, via a passive declare."""

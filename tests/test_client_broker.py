@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 
@@ -12,7 +11,7 @@ import pytest
 from service.client import Publisher, publish
 from service.errors import BrokerUnavailable, PublishError
 from service.settings import load
-from tests.support import management, wait_until
+from tests.support import rabbitmqctl
 
 
 def test_publish_returns_after_the_message_is_queued(vhost, topology):
@@ -39,10 +38,7 @@ def test_unroutable_message_is_not_silently_dropped(vhost, topology):
 def test_a_dropped_connection_is_reopened(vhost, topology):
     with Publisher() as p:
         p.publish("test.record", ["before"])
-        subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "-p", vhost.name, "test: drop"],
-                       check=True, capture_output=True)
-        wait_until(lambda: not [c for c in management("GET", "/api/connections") if c.get("vhost") == vhost.name],
-                   15, "the broker to drop the connection", interval=0.3)
+        vhost.drop_connections()
         p.publish("test.record", ["after"])
     assert [m.headers["argsrepr"] for m in vhost.drain("default")] == ["['before']", "['after']"]
 
@@ -99,14 +95,14 @@ def test_publishing_while_the_broker_is_stopped_fails_clearly_then_recovers(vhos
     monkeypatch.setenv("KIT_PUBLISH_TIMEOUT", "3")
     with Publisher(load()) as p:
         p.publish("test.record", ["before"])
-        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True)
+        rabbitmqctl("stop_app")
         try:
             started = time.monotonic()
             with pytest.raises(BrokerUnavailable, match="did not accept"):
                 p.publish("test.record", ["during"])
             assert time.monotonic() - started < 8
         finally:
-            subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True)
-            subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, capture_output=True)
+            rabbitmqctl("start_app")
+            rabbitmqctl("await_startup")
         p.publish("test.record", ["after"])  # the same publisher reconnects
     assert [m.headers["argsrepr"] for m in vhost.drain("default")] == ["['before']", "['after']"]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-
 from service import queues
 from service.client import Publisher, TaskRequest
-from tests.support import wait_until
+from tests.support import rabbitmqctl, wait_until
 from tests.worker_tasks import recorded
 
 
@@ -37,10 +35,7 @@ def test_publish_with_countdown_waits_in_the_broker(vhost, kit_env, start_worker
 
 
 def _unacked(vhost, queue: str) -> int:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "-p", vhost.name, "name", "messages_unacknowledged"],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    out = rabbitmqctl("list_queues", "-p", vhost.name, "name", "messages_unacknowledged")
     rows = dict(line.split("\t") for line in out.splitlines() if "\t" in line and not line.startswith("name"))
     return int(rows.get(queue, "0"))
 

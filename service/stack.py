@@ -54,16 +54,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import yaml
-
+from service.compose import (
+    COMPOSE_FILE,
+    DEFAULT_STOP_GRACE,
+    container_ports,
+    full_command,
+    load_compose,
+    mounts,
+    parse_duration,
+    path_under,
+    published_ports,
+)
 from service.errors import KitError
 
 REPO = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = REPO / "docker-compose.yml"
 #: The compose extension that says how to run services locally.
 LOCAL_KEY = "x-local-stack"
-#: Compose's default stop_grace_period.
-DEFAULT_STOP_GRACE = 10.0
 #: URL schemes whose user and vhost the stack rewrites.
 AMQP_SCHEMES = ("pyamqp", "amqp", "amqps")
 #: The user prefix of the compose file (service.broker.DEFAULT_USER_PREFIX).
@@ -76,149 +82,10 @@ _ALL_INTERFACES = re.compile(r"(?<![\d.])0\.0\.0\.0(?![\d.])")
 _ABS_PATH = re.compile(r"(?<![\w/.:-])/[\w./-]*")
 _FLAG_VALUE = re.compile(r"^(?P<flag>--?[\w.-]+=)(?P<value>.*)$")
 _URL = re.compile(r"https?://[^\s'\"]+")
-_INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|h|m|s)")
 
 
 class StackError(KitError):
     """docker-compose.yml cannot be run locally as written, or a component cannot be started."""
-
-
-# ---------------------------------------------------------------------------
-# Reading docker-compose.yml
-
-
-def interpolate(text: str, environ: Mapping[str, str]) -> str:
-    """Compose's variable interpolation: ``$$`` is ``$``; ``${VAR}``, ``${VAR:-default}``, ``$VAR``."""
-
-    def repl(m: re.Match[str]) -> str:
-        if m["escaped"]:
-            return "$"
-        expr = m["braced"] if m["braced"] is not None else m["named"]
-        parts = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", expr, re.S)
-        if not parts:
-            raise StackError(f"docker-compose.yml: unsupported interpolation ${{{expr}}}")
-        name, op, default = parts.groups()
-        value = environ.get(name)
-        if op == ":-" and not value:
-            return default
-        if op == "-" and value is None:
-            return default
-        return value or ""
-
-    return _INTERPOLATION.sub(repl, text)
-
-
-def _interpolate_all(node: Any, environ: Mapping[str, str]) -> Any:
-    if isinstance(node, str):
-        return interpolate(node, environ)
-    if isinstance(node, list):
-        return [_interpolate_all(v, environ) for v in node]
-    if isinstance(node, dict):
-        return {k: _interpolate_all(v, environ) for k, v in node.items()}
-    return node
-
-
-def load_compose(path: Path = COMPOSE_FILE, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """docker-compose.yml as data: YAML anchors and merge keys resolved, variables interpolated."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise StackError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict) or "services" not in data:
-        raise StackError(f"{path} has no services")
-    return _interpolate_all(data, os.environ if environ is None else environ)
-
-
-def parse_duration(text: str | int | float | None, default: float = DEFAULT_STOP_GRACE) -> float:
-    """Seconds of a compose duration such as ``420s`` or ``1m30s``."""
-    if text is None:
-        return default
-    if isinstance(text, int | float):
-        return float(text)
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text.strip():
-        raise StackError(f"docker-compose.yml: {text!r} is not a duration")
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    return sum(float(n) * scale[u] for n, u in parts)
-
-
-def container_ports(service: Mapping[str, Any]) -> list[int]:
-    """Ports a service listens on in its container: ``ports`` (container side) and ``expose``."""
-    found: list[int] = []
-    for item in service.get("ports", []) or []:
-        if isinstance(item, dict):
-            found.append(int(item["target"]))
-        else:
-            found.append(int(str(item).split("/")[0].rsplit(":", 1)[-1]))
-    for item in service.get("expose", []) or []:
-        found.append(int(str(item).split("/")[0]))
-    return sorted(set(found))
-
-
-def published_ports(service: Mapping[str, Any]) -> dict[int, int]:
-    """container port -> host port of a service's ``ports``."""
-    found: dict[int, int] = {}
-    for item in service.get("ports", []) or []:
-        if isinstance(item, dict):
-            found[int(item["target"])] = int(item.get("published", item["target"]))
-            continue
-        fields = str(item).split("/")[0].split(":")
-        found[int(fields[-1])] = int(fields[-2]) if len(fields) > 1 else int(fields[-1])
-    return found
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One volume of a service: a bind mount of a repository path, or a named volume."""
-
-    source: str
-    target: str
-    bind: bool
-    read_only: bool
-
-
-def mounts(service: Mapping[str, Any]) -> list[Mount]:
-    """The volumes of a service, short or long syntax."""
-    found = []
-    for item in service.get("volumes", []) or []:
-        if isinstance(item, dict):
-            source, target = str(item.get("source", "")), str(item["target"])
-            bind = item.get("type") == "bind"
-            read_only = bool(item.get("read_only"))
-        else:
-            fields = str(item).split(":")
-            if len(fields) == 1:
-                source, target, mode = "", fields[0], ""
-            else:
-                source, target, mode = fields[0], fields[1], (fields[2] if len(fields) > 2 else "")
-            bind = source.startswith((".", "/", "~"))
-            read_only = "ro" in mode.split(",")
-        found.append(Mount(source, target, bind, read_only))
-    return found
-
-
-def full_command(service: Mapping[str, Any]) -> list[str]:
-    """``entrypoint`` + ``command`` of a service, as a list."""
-    argv: list[str] = []
-    for key in ("entrypoint", "command"):
-        value = service.get(key)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            raise StackError(f"write {key} as a list (exec form), not a string: {value!r}")
-        argv += [str(v) for v in value]
-    return argv
-
-
-def _under(path: str, prefix: str) -> str | None:
-    """``path`` relative to ``prefix`` ("" when equal), or None when it is not under it."""
-    prefix = prefix.rstrip("/") or "/"
-    if path == prefix:
-        return ""
-    if path.startswith(prefix.rstrip("/") + "/"):
-        return path[len(prefix.rstrip("/")) + 1 :]
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +204,7 @@ class Stack:
     def state_path(self, container_path: str) -> Path:
         """A container path listed under x-local-stack.paths, in KIT_STATE_DIR."""
         for prefix, local in sorted(self.local.get("paths", {}).items(), key=lambda kv: -len(kv[0])):
-            rel = _under(container_path, prefix)
+            rel = path_under(container_path, prefix)
             if rel is not None:
                 base = self.state_dir / str(local)
                 return (base / rel) if rel else base
@@ -374,8 +241,8 @@ class Stack:
         for m in service_mounts:
             if not m.bind:
                 continue
-            nested = [n for n in service_mounts if n is not m and n.bind and _under(n.target, m.target)]
-            inside_other = any(_under(m.target, o.target) for o in service_mounts if o is not m and o.bind)
+            nested = [n for n in service_mounts if n is not m and n.bind and path_under(n.target, m.target)]
+            inside_other = any(path_under(m.target, o.target) for o in service_mounts if o is not m and o.bind)
             if nested or inside_other or m.target in rewrite:
                 table.append((m.target, self.work_dir / "overlay" / name / m.target.lstrip("/")))
             else:
@@ -389,7 +256,7 @@ class Stack:
 
     def map_path(self, name: str, container_path: str) -> str:
         for prefix, local in self._mount_table(name):
-            rel = _under(container_path, prefix)
+            rel = path_under(container_path, prefix)
             if rel is not None:
                 return str(local / rel) if rel else str(local)
         return container_path
@@ -522,14 +389,14 @@ class Stack:
                 local = table[m.target]
                 if local.is_relative_to(REPO) and not local.is_relative_to(self.state_dir):
                     continue  # mapped straight to the repository
-                if any(_under(m.target, o.target) for o in service_mounts if o is not m):
+                if any(path_under(m.target, o.target) for o in service_mounts if o is not m):
                     continue  # filled in with the mount it is nested in
                 source = (REPO / m.source).resolve()
-                nested = {n.target: n for n in service_mounts if n is not m and _under(n.target, m.target)}
+                nested = {n.target: n for n in service_mounts if n is not m and path_under(n.target, m.target)}
                 if m.target in rewrite:
                     self._write_rewritten(name, source, local)
                 else:
-                    self._write_overlay(source, local, {_under(t, m.target).split("/")[0] for t in nested})
+                    self._write_overlay(source, local, {path_under(t, m.target).split("/")[0] for t in nested})
                 for target, inner in nested.items():
                     inner_local = table[target]
                     if target in rewrite:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service import broker, queues
+from service import broker, compose, queues
 from service import stack as local
 from service.monitoring import alertmanager_config
 from service.settings import SETTINGS
@@ -67,7 +67,7 @@ def config() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def raw() -> dict[str, Any]:
     """docker-compose.yml as the local stack reads it (extensions included)."""
-    return local.load_compose(COMPOSE, environ={})
+    return compose.load_compose(COMPOSE, environ={})
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_stop_grace_period_outlasts_the_hard_time_limit(config: dict[str, Any]) 
     for name in workers(config):
         service = services(config)[name]
         hard = float(service["environment"].get("KIT_HARD_TIME_LIMIT") or HARD_TIME_LIMIT_DEFAULT)
-        grace = local.parse_duration(service.get("stop_grace_period"))
+        grace = compose.parse_duration(service.get("stop_grace_period"))
         assert grace > hard, f"{name}: stop_grace_period {grace:g}s <= KIT_HARD_TIME_LIMIT {hard:g}s"
         assert service.get("stop_signal", "SIGTERM") == "SIGTERM", "SIGTERM is Celery's warm shutdown"
 
@@ -310,7 +310,7 @@ def test_prometheus_config_as_compose_mounts_it(config: dict[str, Any], tmp_path
             for target in group["targets"]:
                 host, port = target.rsplit(":", 1)
                 assert host in hosts, f"{path.name}: {target} is not a compose service"
-                assert int(port) in local.container_ports(services(config)[host]) or host == "rabbitmq", target
+                assert int(port) in compose.container_ports(services(config)[host]) or host == "rabbitmq", target
 
 
 def test_prometheus_config_as_the_local_stack_runs_it(stack: local.Stack) -> None:

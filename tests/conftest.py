@@ -10,7 +10,13 @@ import pytest
 
 from service.settings import load
 from service.topology import connect, declare
-from tests.support import REPO, Vhost, Worker
+from tests.support import REPO, Vhost, Worker, sweep_stale_vhosts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_vhosts_left_by_killed_runs() -> None:
+    """A test run killed before its teardown leaves its vhosts; remove those older than a few hours."""
+    sweep_stale_vhosts()
 
 
 @pytest.fixture

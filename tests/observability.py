@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO, wait_until
+from tests.support import REPO, spawn, wait_until
 
 EXPORTER_PYTHON = REPO / ".venv-exporter" / "bin" / "python"
 
@@ -46,8 +46,7 @@ class Process:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-                                        start_new_session=True)
+        self.process = spawn(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env)
 
     def alive(self) -> bool:
         return self.process.poll() is None

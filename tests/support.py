@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,16 +56,56 @@ def management(method: str, path: str, body: Any = None) -> Any:
     return json.loads(payload) if payload else None
 
 
+def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+    """Start a long-running process for a test in its own process group, bound to the test run.
+
+    The kernel sends it SIGTERM when the pytest process ends, however it ends
+    (``setpriv --pdeathsig``), so a test run killed before its teardown leaves no
+    worker, beat, Prometheus or broker running. Its process group is its own, so a
+    test can signal it and its children together with ``os.killpg(process.pid, ...)``.
+    """
+    bound = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
+    return subprocess.Popen([*bound, *argv], start_new_session=True, **popen_kwargs)
+
+
 def rabbitmqctl(*args: str) -> str:
     """Run ``rabbitmqctl -q`` on the local test broker and return its output."""
     return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True).stdout
 
 
+#: Test vhosts are named ``kit-test-<unix time of creation>-<random>``.
+TEST_VHOST_PREFIX = "kit-test-"
+#: A test vhost older than this belongs to a run that died before its teardown.
+STALE_VHOST_AGE = 3 * 3600
+
+
+def sweep_stale_vhosts(max_age: float = STALE_VHOST_AGE, now: float | None = None) -> list[str]:
+    """Delete the test vhosts that a killed test run left behind; return their names.
+
+    Only vhosts whose name carries a creation time older than ``max_age`` are
+    touched, so a test run going on beside this one keeps its vhosts. Does
+    nothing when the management API cannot be reached (unit tests without a broker).
+    """
+    now = time.time() if now is None else now
+    try:
+        names = [v["name"] for v in management("GET", "/api/vhosts")]
+    except (urllib.error.URLError, OSError):
+        return []
+    stale = []
+    for name in names:
+        created = name.removeprefix(TEST_VHOST_PREFIX).split("-")[0] if name.startswith(TEST_VHOST_PREFIX) else ""
+        if created.isdigit() and now - int(created) > max_age:
+            management("DELETE", f"/api/vhosts/{urllib.request.quote(name, safe='')}")
+            stale.append(name)
+    return stale
+
+
 class Vhost:
     """A fresh vhost on the test broker, with the admin user allowed everything."""
 
-    def __init__(self) -> None:
-        self.name = f"kit-test-{uuid.uuid4().hex[:10]}"
+    def __init__(self, created: float | None = None) -> None:
+        created = time.time() if created is None else created
+        self.name = f"{TEST_VHOST_PREFIX}{int(created)}-{uuid.uuid4().hex[:8]}"
         quoted = urllib.request.quote(self.name, safe="")
         management("PUT", f"/api/vhosts/{quoted}")
         management("PUT", f"/api/permissions/{quoted}/{ADMIN_USER}", {"configure": ".*", "write": ".*", "read": ".*"})
@@ -151,9 +192,7 @@ class Worker:
             "--without-gossip", "--without-mingle", "-l", "INFO", *extra_args,
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            argv, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.process = spawn(argv, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, vhost: Vhost, timeout: float = 30) -> Worker:
         """Wait until the worker consumes all its queues."""
@@ -211,10 +250,8 @@ def running_beat(env: dict[str, str], log_path: Path) -> Iterator[Callable[[], N
     Beat is stopped (SIGTERM, then SIGKILL of its process group) when the block ends.
     """
     with log_path.open("wb") as log:
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "service.app", "beat", "-l", "INFO"],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        beat = spawn([sys.executable, "-m", "celery", "-A", "service.app", "beat", "-l", "INFO"],
+                     env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
         def still_running() -> None:
             if beat.poll() is not None:

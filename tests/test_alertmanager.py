@@ -39,7 +39,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from service.monitoring import alertmanager_config
-from tests.support import wait_until
+from tests.support import spawn, wait_until
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 AMTOOL = shutil.which("amtool")
@@ -314,7 +314,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         port = _free_port()
         log_path = root / "alertmanager.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen(
+            process = spawn(
                 [
                     str(ALERTMANAGER),
                     f"--config.file={config_path}",

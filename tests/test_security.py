@@ -48,6 +48,7 @@ from tests.support import (
     Vhost,
     Worker,
     management,
+    spawn,
     wait_until,
 )
 from tests.worker_tasks import recorded
@@ -307,10 +308,10 @@ class CliWorker(Worker):
         self.name = f"sec{secrets.token_hex(3)}@%h"
         self.log_path = Path(env["KIT_TEST_OUTPUT_DIR"]) / f"worker-{secrets.token_hex(3)}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [sys.executable, "-m", "service", "worker", "--queues", ",".join(queues), "--name", self.name,
              "--concurrency", "2"],
-            env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
 
@@ -650,8 +651,7 @@ def tls_broker(tmp_path_factory) -> Iterator[TlsBroker]:
     )
     ctl = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node]
     log = (work / "server.log").open("wb")
-    server_process = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+    server_process = spawn([str(RABBITMQ_BIN / "rabbitmq-server")], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         # `wait` waits for the pid file, then for the node to boot.
         done = subprocess.run([*ctl, "wait", str(work / "node.pid"), "--timeout", "60"], env=env,

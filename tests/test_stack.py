@@ -26,7 +26,17 @@ import pytest
 
 from service import stack as local
 from tests.observability import http_json
-from tests.support import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, MANAGEMENT_URL, REPO, management, wait_until
+from tests.support import (
+    ADMIN_PASSWORD,
+    ADMIN_USER,
+    AMQP_HOST,
+    AMQP_PORT,
+    MANAGEMENT_URL,
+    REPO,
+    management,
+    spawn,
+    wait_until,
+)
 
 JOBS = ("rabbitmq", "celery-exporter", "kit-workers")
 
@@ -145,7 +155,7 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
     print(f"targets up and demo traffic in the metrics after {time.monotonic() - started:.1f}s")
 
     # Down stops only what up started: not a process of ours, not even one with a recycled pid file.
-    bystander = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    bystander = spawn(["sleep", "600"])
     try:
         down = running.cli("down", timeout=600)
         assert down.returncode == 0, down.stdout + down.stderr

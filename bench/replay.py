@@ -232,12 +232,14 @@ class Confirms:
 
 
 def make_kit(settings, deadletters, topology, batch: int | None = None) -> Method:
+    from service.dlq_filters import Filters
+
     def measure(n: int) -> float:
         conn = topology.connect(settings)  # like `dlq replay`: connected before it starts
         try:
             start = time.perf_counter()
             options = {} if batch is None else {"batch": batch}
-            outcome = deadletters.replay(conn, settings, DEAD_QUEUE, deadletters.Filters(), **options)
+            outcome = deadletters.replay(conn, settings, DEAD_QUEUE, Filters(), **options)
             elapsed = time.perf_counter() - start
         finally:
             conn.release()

@@ -17,6 +17,9 @@ from rich.table import Table
 
 from service import deadletters as dl
 from service.cli_errors import friendly_errors
+from service.dlq_archive import read_archive
+from service.dlq_filters import Filters, parse_moment
+from service.errors import DeadLetterError
 from service.settings import Settings, load
 
 EXIT_PARTIAL = 1
@@ -31,8 +34,8 @@ def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> An
     if value is None:
         return None
     try:
-        return dl.parse_moment(value)
-    except dl.DeadLetterError as exc:
+        return parse_moment(value)
+    except DeadLetterError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
@@ -58,8 +61,8 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _filters(kwargs: dict[str, Any]) -> dl.Filters:
-    return dl.Filters(tasks=kwargs.pop("tasks"), exceptions=kwargs.pop("exceptions"), reasons=kwargs.pop("reasons"),
+def _filters(kwargs: dict[str, Any]) -> Filters:
+    return Filters(tasks=kwargs.pop("tasks"), exceptions=kwargs.pop("exceptions"), reasons=kwargs.pop("reasons"),
                       ids=kwargs.pop("ids"), since=kwargs.pop("since"), until=kwargs.pop("until"))
 
 
@@ -288,10 +291,10 @@ def _open_for_writing(path: Path | str, mode: str) -> Any:
     try:
         return open(path, mode)  # noqa: SIM115 - the caller closes it
     except OSError as exc:
-        raise dl.DeadLetterError(f"cannot write {path}: {exc.strerror}; nothing was changed") from None
+        raise DeadLetterError(f"cannot write {path}: {exc.strerror}; nothing was changed") from None
 
 
-def _purge_locked(conn: Any, names: list[str], filters: dl.Filters, limit: int | None, archive: Path | None,
+def _purge_locked(conn: Any, names: list[str], filters: Filters, limit: int | None, archive: Path | None,
                   yes: bool, matching: int) -> None:
     count = min(matching, limit) if limit else matching
     if not count:
@@ -299,7 +302,7 @@ def _purge_locked(conn: Any, names: list[str], filters: dl.Filters, limit: int |
         return
     if not yes:
         if not sys.stdin.isatty():
-            raise dl.DeadLetterError(f"{count} dead letter(s) match; pass --yes to purge them without a prompt")
+            raise DeadLetterError(f"{count} dead letter(s) match; pass --yes to purge them without a prompt")
         click.confirm(f"Purge {count} dead letter(s) from {', '.join(names)}?", abort=True)
     totals = {"taken": 0, "skipped": 0}
     stream = _open_for_writing(archive, "a") if archive else None
@@ -351,7 +354,7 @@ def import_(archive: Path, queue_name: str | None) -> None:
     """Put an archive written by export or purge --archive back into dead-letter queues, byte for byte."""
     settings = load()
     target = dl.resolve_queues([queue_name])[0] if queue_name else None
-    records = dl.read_archive(archive)
+    records = read_archive(archive)
     with _connection(settings) as conn:
         count = dl.import_records(conn, settings, records, target)
     click.echo(f"imported {count} dead letter(s) from {archive}")

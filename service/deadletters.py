@@ -19,19 +19,14 @@ connection goes, also on kill -9); a second one is refused with a message.
 
 from __future__ import annotations
 
-import base64
-import fnmatch
 import hashlib
 import json
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from pathlib import Path
+from datetime import datetime
 from typing import Any, TextIO
 
 import amqp
@@ -39,7 +34,9 @@ from kombu import Connection
 
 from service import headers as h
 from service import queues
-from service.errors import KitError
+from service.dlq_archive import export_record, to_jsonable
+from service.dlq_filters import Filters, as_utc
+from service.errors import DeadLetterError, KitError
 from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings
 
@@ -56,11 +53,6 @@ BATCH = 200
 #: A replay republishes and confirms one message before acking it, so killing
 #: it duplicates at most one message. ``batch`` trades that for speed.
 REPLAY_BATCH = 1
-EXPORT_FORMAT = "celery-rabbitmq-kit/dead-letter/v1"
-
-
-class DeadLetterError(KitError):
-    """A dead-letter operation was asked something it cannot do (bad queue, filter, id)."""
 
 
 class QueueBusy(DeadLetterError):
@@ -136,12 +128,12 @@ class DeadLetter:
         value = self.headers.get(h.DEAD_LETTERED_AT)
         if value:
             try:
-                return _aware(datetime.fromisoformat(str(value)))
+                return as_utc(datetime.fromisoformat(str(value)))
             except ValueError:
                 pass
         death = self._last_death()
         if death and isinstance(death.get("time"), datetime):
-            return _aware(death["time"])
+            return as_utc(death["time"])
         return None
 
     def _last_death(self) -> dict[str, Any] | None:
@@ -187,10 +179,6 @@ class DeadLetter:
         return info
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _decode_args(letter: DeadLetter) -> tuple[Any, Any]:
     if letter.properties.get("content_type") != "application/json":
         return None, None
@@ -224,63 +212,6 @@ def resolve_queues(names: Iterable[str] | None) -> list[str]:
                 f"or a dead-letter queue ({', '.join(dead)})"
             )
     return list(dict.fromkeys(chosen)) or dead  # each queue once, in the order given
-
-
-# -- filters ------------------------------------------------------------------------
-
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_moment(text: str, now: datetime | None = None) -> datetime:
-    """ISO 8601 (``2026-11-21``, ``2026-11-21T14:00``, with or without zone; UTC
-    when none) or an age (``30m``, ``2h``, ``7d`` ago)."""
-    value = text.strip()
-    match = _RELATIVE.match(value)
-    if match:
-        return (now or datetime.now(UTC)) - timedelta(seconds=float(match[1]) * _UNITS[match[2]])
-    try:
-        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        raise DeadLetterError(
-            f"cannot read the time {text!r}: use ISO 8601 (2026-11-21 or 2026-11-21T14:30:00Z) "
-            "or an age like 30m, 2h, 7d"
-        ) from None
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Which dead letters an operation takes. Empty fields match everything.
-
-    ``task`` and ``exception`` accept shell-style patterns (``emails.*``,
-    ``*Timeout*``); ``exception`` matches the qualified or the short class name.
-    """
-
-    tasks: tuple[str, ...] = ()
-    exceptions: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
-    ids: tuple[str, ...] = ()
-    since: datetime | None = None
-    until: datetime | None = None
-
-    def match(self, letter: DeadLetter) -> bool:
-        """True when ``letter`` passes every filter given."""
-        if self.ids and letter.id not in self.ids:
-            return False
-        if self.tasks and not any(fnmatch.fnmatchcase(letter.task, p) for p in self.tasks):
-            return False
-        if self.exceptions:
-            full = letter.exception_type
-            short = full.rsplit(".", 1)[-1]
-            if not any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(short, p) for p in self.exceptions):
-                return False
-        if self.reasons and letter.reason not in self.reasons:
-            return False
-        if self.since or self.until:
-            died = letter.died_at
-            if died is None or (self.since and died < self.since) or (self.until and died > self.until):
-                return False
-        return True
 
 
 # -- the queue walker -----------------------------------------------------------------
@@ -621,51 +552,6 @@ def _report(progress: Callable[[DeadLetter, str], None] | None, letter: DeadLett
 # -- export and import --------------------------------------------------------------------
 
 
-def to_jsonable(value: Any) -> Any:
-    """AMQP header values as JSON, with tags for the types JSON lacks (round-trips)."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return {"$datetime": value.isoformat()}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, Decimal):
-        return {"$decimal": str(value)}
-    return value
-
-
-def from_jsonable(value: Any) -> Any:
-    """The inverse of ``to_jsonable``."""
-    if isinstance(value, dict):
-        if len(value) == 1:
-            (key, inner), = value.items()
-            if key == "$datetime":
-                return datetime.fromisoformat(inner)
-            if key == "$bytes":
-                return base64.b64decode(inner)
-            if key == "$decimal":
-                return Decimal(inner)
-        return {k: from_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_jsonable(v) for v in value]
-    return value
-
-
-def export_record(letter: DeadLetter) -> dict[str, Any]:
-    """One JSON Lines record of the archive: everything needed to put it back."""
-    return {
-        "format": EXPORT_FORMAT,
-        "queue": letter.queue,
-        "id": letter.id,
-        "body": base64.b64encode(letter.body).decode(),
-        "headers": to_jsonable(letter.headers),
-        "properties": to_jsonable(letter.properties),
-        "exported_at": h.utc_now_iso(),
-    }
-
-
 def export(conn: Connection, queue: str, filters: Filters, out: TextIO, *, limit: int | None = None) -> int:
     """Write matching dead letters of ``queue`` to ``out`` as JSON Lines. Changes nothing."""
     letters = browse(conn, queue, filters)
@@ -675,35 +561,6 @@ def export(conn: Connection, queue: str, filters: Filters, out: TextIO, *, limit
         out.write(json.dumps(export_record(letter)) + "\n")
     out.flush()
     return len(letters)
-
-
-def read_archive(path: Path) -> list[dict[str, Any]]:
-    """Read and check a whole archive before anything is published.
-
-    Raises DeadLetterError naming the first bad line.
-    """
-    records = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DeadLetterError(f"cannot read {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if record.get("format") != EXPORT_FORMAT:
-                raise ValueError(f"not a {EXPORT_FORMAT} record")
-            resolve_queues([record["queue"]])
-            record["body"] = base64.b64decode(record["body"], validate=True)
-            record["headers"] = from_jsonable(record["headers"])
-            record["properties"] = from_jsonable(record["properties"])
-        except DeadLetterError as exc:
-            raise DeadLetterError(f"{path}:{number}: {exc}") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DeadLetterError(f"{path}:{number}: not a dead-letter record ({exc}); nothing was imported") from None
-        records.append(record)
-    return records
 
 
 def import_records(conn: Connection, settings: Settings, records: list[dict[str, Any]],

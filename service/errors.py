@@ -48,3 +48,7 @@ class PermanentError(Exception):
 
     The worker dead-letters the message at once, with reason ``permanent-error``.
     """
+
+
+class DeadLetterError(KitError):
+    """A dead-letter operation was asked something it cannot do (bad queue, filter, id)."""

@@ -29,6 +29,8 @@ import pytest
 from service import deadletters as dl
 from service import headers as h
 from service.client import Publisher
+from service.dlq_archive import EXPORT_FORMAT
+from service.dlq_filters import Filters
 from service.publishing import ConfirmedChannel, Outgoing
 from service.settings import load
 from service.topology import connect
@@ -617,13 +619,13 @@ def test_the_library_releases_its_lock_when_it_returns(vhost, kit_env, seeded):
     conn = connect(load())
     other = connect(load())
     try:
-        outcome = dl.replay(conn, load(), "urgent.dead", dl.Filters(ids=(letter_id("u1"),)))
+        outcome = dl.replay(conn, load(), "urgent.dead", Filters(ids=(letter_id("u1"),)))
         assert [d.id for d in outcome.taken] == [letter_id("u1")]
         assert lock_free(vhost, "urgent.dead")
-        outcome = dl.purge(other, "urgent.dead", dl.Filters())
+        outcome = dl.purge(other, "urgent.dead", Filters())
         assert [d.id for d in outcome.taken] == [letter_id("u2")]
         assert lock_free(vhost, "urgent.dead")
-        assert dl.replay(conn, load(), "urgent.dead", dl.Filters()).counts()["taken"] == 0
+        assert dl.replay(conn, load(), "urgent.dead", Filters()).counts()["taken"] == 0
     finally:
         conn.release()
         other.release()
@@ -936,7 +938,7 @@ def test_export_purge_import_round_trip_byte_for_byte(vhost, kit_env, seeded, tm
     assert [LABEL_OF[r["id"]] for r in records] == ALL_IN_LIST_ORDER
     for record in records:
         spec = SPECS[LABEL_OF[record["id"]]]
-        assert record["format"] == dl.EXPORT_FORMAT and record["queue"] == DEAD[spec.queue]
+        assert record["format"] == EXPORT_FORMAT and record["queue"] == DEAD[spec.queue]
         assert base64.b64decode(record["body"]) == spec.body()
     assert {q: peek(vhost, q) for q in DEAD.values()} == seeded  # export changes nothing
 
@@ -988,7 +990,7 @@ def test_archive_kept_after_purging_more_and_a_replay_of_imported_letters(vhost,
 
 
 def _bad_archive(tmp_path: Path) -> str:
-    good = {"format": dl.EXPORT_FORMAT, "queue": "default.dead", "id": "x", "body": "eA==", "headers": {},
+    good = {"format": EXPORT_FORMAT, "queue": "default.dead", "id": "x", "body": "eA==", "headers": {},
             "properties": {}}
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n" + '{"format": "something else"}\n')

@@ -1,0 +1,102 @@
+"""The dead-letter archive: JSON Lines that ``dlq export`` and ``purge --archive`` write and ``dlq import`` reads.
+
+One record per dead letter, with its body (base64), headers and properties.
+AMQP values JSON lacks (timestamps, bytes, decimals) are tagged so they come
+back as the same types: an export, purge and import round-trip a message byte
+for byte, headers included.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service import headers as h
+from service import queues
+from service.errors import DeadLetterError
+
+if TYPE_CHECKING:
+    from service.deadletters import DeadLetter
+
+EXPORT_FORMAT = "celery-rabbitmq-kit/dead-letter/v1"
+DEAD_LETTER_QUEUE_NAMES = frozenset(q.name for q in queues.DEAD_LETTER_QUEUES)
+
+
+def to_jsonable(value: Any) -> Any:
+    """AMQP header values as JSON, with tags for the types JSON lacks (round-trips)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, Decimal):
+        return {"$decimal": str(value)}
+    return value
+
+
+def from_jsonable(value: Any) -> Any:
+    """The inverse of ``to_jsonable``."""
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (key, inner), = value.items()
+            if key == "$datetime":
+                return datetime.fromisoformat(inner)
+            if key == "$bytes":
+                return base64.b64decode(inner)
+            if key == "$decimal":
+                return Decimal(inner)
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    return value
+
+
+def export_record(letter: DeadLetter) -> dict[str, Any]:
+    """One JSON Lines record of the archive: everything needed to put it back."""
+    return {
+        "format": EXPORT_FORMAT,
+        "queue": letter.queue,
+        "id": letter.id,
+        "body": base64.b64encode(letter.body).decode(),
+        "headers": to_jsonable(letter.headers),
+        "properties": to_jsonable(letter.properties),
+        "exported_at": h.utc_now_iso(),
+    }
+
+
+def read_archive(path: Path) -> list[dict[str, Any]]:
+    """Read and check a whole archive before anything is published.
+
+    Raises DeadLetterError naming the first bad line.
+    """
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DeadLetterError(f"cannot read {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record.get("format") != EXPORT_FORMAT:
+                raise ValueError(f"not a {EXPORT_FORMAT} record")
+            if record["queue"] not in DEAD_LETTER_QUEUE_NAMES:
+                raise DeadLetterError(f"unknown dead-letter queue {record['queue']!r}; the kit's are "
+                                      f"{', '.join(sorted(DEAD_LETTER_QUEUE_NAMES))}")
+            record["body"] = base64.b64decode(record["body"], validate=True)
+            record["headers"] = from_jsonable(record["headers"])
+            record["properties"] = from_jsonable(record["properties"])
+        except DeadLetterError as exc:
+            raise DeadLetterError(f"{path}:{number}: {exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DeadLetterError(f"{path}:{number}: not a dead-letter record ({exc}); nothing was imported") from None
+        records.append(record)
+    return records

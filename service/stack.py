@@ -16,7 +16,8 @@ mapped to one machine by a few fixed rules:
   symlinks), and the paths listed under ``x-local-stack.paths`` (named volumes,
   ``/run/secrets``, ``/var/lib/kit``) map into KIT_STATE_DIR. Files under a
   ``rewrite-hosts`` path are copied with their hosts and ports mapped
-  (Prometheus' target files).
+  (Prometheus' target files), and with the stack's vhost as their
+  ``kit_vhost`` label.
 - Broker URLs keep their role's user and get the stack's vhost and user prefix
   (``--vhost``, ``--user-prefix``, defaults from docker-compose.yml); passwords
   are files in KIT_STATE_DIR/secrets, made by scripts/make-secrets.sh on the
@@ -70,6 +71,8 @@ from service.errors import KitError
 REPO = Path(__file__).resolve().parents[1]
 #: The compose extension that says how to run services locally.
 LOCAL_KEY = "x-local-stack"
+#: The Prometheus target label naming the vhost whose queues are scraped (deploy/prometheus/prometheus.yml).
+VHOST_TARGET_LABEL = "kit_vhost"
 #: URL schemes whose user and vhost the stack rewrites.
 AMQP_SCHEMES = ("pyamqp", "amqp", "amqps")
 #: The user prefix of the compose file (service.broker.DEFAULT_USER_PREFIX).
@@ -419,7 +422,7 @@ class Stack:
             _replace_with_symlink(local / entry, source / entry)
 
     def _write_rewritten(self, name: str, source: Path, local: Path) -> None:
-        """Copies of the JSON files of ``source`` with every host:port string mapped."""
+        """Copies of the JSON files of ``source``: hosts and ports mapped, ``kit_vhost`` labels the stack's vhost."""
         if local.is_symlink():
             local.unlink()
         local.mkdir(parents=True, exist_ok=True)
@@ -433,10 +436,17 @@ class Stack:
                 return {k: mapped(v) for k, v in node.items()}
             return node
 
+        def with_vhost(groups: Any) -> Any:
+            for group in groups if isinstance(groups, list) else ():
+                labels = group.get("labels") if isinstance(group, dict) else None
+                if isinstance(labels, dict) and VHOST_TARGET_LABEL in labels:
+                    labels[VHOST_TARGET_LABEL] = self.vhost
+            return groups
+
         for path in sorted(source.glob("*.json")):
             out = local / path.name
             tmp = out.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(mapped(json.loads(path.read_text())), indent=2) + "\n")
+            tmp.write_text(json.dumps(with_vhost(mapped(json.loads(path.read_text()))), indent=2) + "\n")
             tmp.replace(out)
 
     def _write_alertmanager_config(self, name: str, values: dict[str, Any]) -> None:

@@ -331,6 +331,20 @@ def test_local_targets_are_the_compose_targets_mapped(stack: local.Stack) -> Non
             (REPO / "deploy/prometheus/targets" / name).read_text()), name
 
 
+def test_prometheus_scrapes_the_vhost_of_the_stack(stack: local.Stack, tmp_path: Path) -> None:
+    """Every RabbitMQ target group names the stack's vhost as kit_vhost (compose's, or --vhost)."""
+    assert stack.vhost == stack.compose_vhost()
+    for targets in (REPO / "deploy/compose/prometheus-targets", REPO / "deploy/prometheus/targets"):
+        groups = json.loads((targets / "rabbitmq.json").read_text())
+        assert [g["labels"][local.VHOST_TARGET_LABEL] for g in groups] == [stack.vhost] * len(groups), targets
+    other = local.Stack(tmp_path / "other", local.Options(vhost="other-vhost"), environ={"PATH": os.environ["PATH"]})
+    other.secrets_dir.mkdir(parents=True)
+    other.prepare_files()
+    generated = Path(flag(list(other.component("prometheus").argv), "--config.file")).parent / "targets"
+    groups = json.loads((generated / "rabbitmq.json").read_text())
+    assert {g["labels"][local.VHOST_TARGET_LABEL] for g in groups} == {"other-vhost"}
+
+
 def test_alertmanager_config_as_compose_and_the_local_stack_run_it(config: dict[str, Any],
                                                                    stack: local.Stack) -> None:
     alertmanager = services(config)["alertmanager"]

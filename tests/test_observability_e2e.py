@@ -17,13 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import amqp
 import pytest
-import yaml
 
 from service import queues
 from service.client import Publisher, TaskRequest
 from service.monitoring import alertmanager_config, timescale
 from service.settings import load
+from service.stack import VHOST_TARGET_LABEL
 from service.topology import connect, declare
 from tests.observability import Exporter, Process, Prometheus, WebhookReceiver, free_port
 from tests.support import REPO, Vhost, Worker, wait_until
@@ -89,9 +90,9 @@ class Stack:
                 "targets/kit-workers.json": [{"targets": [f"127.0.0.1:{p}" for p in self.metrics_ports.values()]}],
                 "targets/celery-exporter.json": [{"targets": [f"127.0.0.1:{self.exporter.port}"]}],
                 "targets/alertmanager.json": [{"targets": [f"127.0.0.1:{self.alertmanager_port}"]}],
+                "targets/rabbitmq.json": _rabbitmq_targets(self.vhost.name),
             },
         )
-        _only_this_vhost(prom_config, self.vhost.name)
         self.prometheus = Prometheus(prom_config, workdir)
         self.closers.append(self.prometheus)
         self.prometheus.wait_ready()
@@ -128,17 +129,16 @@ class Stack:
         self.vhost.delete()
 
 
-def _only_this_vhost(config: Path, vhost: str) -> None:
-    """Scrape only the drill's vhost, so other vhosts on a shared broker can't hold an alert open.
+def _rabbitmq_targets(vhost: str) -> list[dict[str, Any]]:
+    """The production RabbitMQ targets, scraping the drill's vhost (as the local stack's --vhost does).
 
-    This narrows what the drill's Prometheus scrapes; the rules are untouched.
+    A shared broker's other vhosts then cannot hold an alert open: prometheus.yml
+    keeps only the kit_vhost's queues. The filter is production's, not the drill's.
     """
-    document = yaml.safe_load(config.read_text())
-    for job in document["scrape_configs"]:
-        if job["job_name"] == "rabbitmq":
-            job.setdefault("metric_relabel_configs", []).append(
-                {"source_labels": ["vhost"], "regex": f"({vhost})?", "action": "keep"})
-    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    groups = json.loads((REPO / "deploy/prometheus/targets/rabbitmq.json").read_text())
+    for group in groups:
+        group["labels"][VHOST_TARGET_LABEL] = vhost
+    return groups
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,28 @@ def _wait_notified(stack: Stack, alertname: str, since: float, timeout: float, s
 def test_every_target_is_up(stack: Stack) -> None:
     wait_until(lambda: all(stack.prometheus.targets_up().get(job) for job in
                            ("rabbitmq", "celery-exporter", "kit-workers")), 30, "every scrape target up")
+
+
+def test_queues_of_other_vhosts_are_not_scraped(stack: Stack) -> None:
+    """A broker shared with other vhosts: their queues stay out; node-wide series stay in."""
+    other = Vhost()
+    try:
+        conn = other.connection()
+        channel = conn.channel()
+        channel.queue_declare("default", durable=True)
+        channel.basic_publish(amqp.Message(b"x"), routing_key="default")
+        conn.close()
+        declared = time.time()
+        own = f'timestamp(rabbitmq_queue_messages_ready{{vhost="{stack.vhost.name}",queue="default"}})'
+        wait_until(lambda: any(float(r["value"][1]) > declared + 1 for r in stack.prometheus.query(own)),
+                   30, "a scrape of RabbitMQ after the other vhost's queue was declared", interval=0.5)
+        assert stack.prometheus.query(f'rabbitmq_queue_messages_ready{{vhost="{other.name}"}}') == []
+        assert stack.prometheus.query('{job="rabbitmq", kit_vhost!="", __name__!~"up|scrape_.*"}') == [], (
+            "the filter's label is dropped from the scraped series")
+        assert stack.prometheus.query("rabbitmq_process_resident_memory_bytes"), "node-wide series are kept"
+        assert stack.prometheus.query("rabbitmq_alarms_memory_used_watermark"), "alarm series are kept"
+    finally:
+        other.delete()
 
 
 def test_drill_all_workers_of_a_queue_killed(stack: Stack) -> None:

@@ -231,15 +231,13 @@ class Confirms:
 # -- the methods ------------------------------------------------------------------------------
 
 
-def make_kit(settings, deadletters, topology, batch: int | None = None) -> Method:
-    from service.dlq_filters import Filters
-
+def make_kit(settings, deadletters, topology, match_all, batch: int | None = None) -> Method:
     def measure(n: int) -> float:
         conn = topology.connect(settings)  # like `dlq replay`: connected before it starts
         try:
             start = time.perf_counter()
             options = {} if batch is None else {"batch": batch}
-            outcome = deadletters.replay(conn, settings, DEAD_QUEUE, Filters(), **options)
+            outcome = deadletters.replay(conn, settings, DEAD_QUEUE, match_all, **options)
             elapsed = time.perf_counter() - start
         finally:
             conn.release()
@@ -479,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.environ["KIT_BROKER_URL"] = vhost.url
         from service import deadletters, topology
+        from service.dlq_filters import Filters
         from service.settings import load
 
         settings = load()
@@ -493,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
 
         seeder = Seeder(vhost)
         methods = [
-            make_kit(settings, deadletters, topology),
-            make_kit(settings, deadletters, topology, batch=window),
+            make_kit(settings, deadletters, topology, Filters()),
+            make_kit(settings, deadletters, topology, Filters(), batch=window),
             make_raw_each(vhost, opts.raw_prefetch),
             make_raw_windowed(vhost, opts.raw_prefetch, window),
         ]

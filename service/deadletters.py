@@ -1,5 +1,8 @@
 """Dead-letter operations: look at, replay, purge, export and import dead letters.
 
+Which dead letters an operation takes is ``service.dlq_filters``; the archive
+format of export, import and purge --archive is ``service.dlq_archive``.
+
 Every operation reads a dead-letter queue by consuming it WITHOUT acking. A
 message the operation does not take is held unacked until the end and then
 returned with ``basic.nack(requeue)``; RabbitMQ puts requeued messages back at
@@ -199,7 +202,7 @@ def work_queue_of(name: str) -> str:
 
 def resolve_queues(names: Iterable[str] | None) -> list[str]:
     """Dead-letter queue names from user input: ``default`` or ``default.dead``; all when empty."""
-    dead = [q.name for q in queues.DEAD_LETTER_QUEUES]
+    dead = list(queues.DEAD_LETTER_QUEUE_NAMES)
     chosen: list[str] = []
     for name in names or ():
         if name in dead:

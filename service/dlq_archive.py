@@ -22,8 +22,8 @@ from service.errors import DeadLetterError
 if TYPE_CHECKING:
     from service.deadletters import DeadLetter
 
+#: The ``format`` of every archive record; a reader refuses any other.
 EXPORT_FORMAT = "celery-rabbitmq-kit/dead-letter/v1"
-DEAD_LETTER_QUEUE_NAMES = frozenset(q.name for q in queues.DEAD_LETTER_QUEUES)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -88,9 +88,9 @@ def read_archive(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
             if record.get("format") != EXPORT_FORMAT:
                 raise ValueError(f"not a {EXPORT_FORMAT} record")
-            if record["queue"] not in DEAD_LETTER_QUEUE_NAMES:
+            if record["queue"] not in queues.DEAD_LETTER_QUEUE_NAMES:
                 raise DeadLetterError(f"unknown dead-letter queue {record['queue']!r}; the kit's are "
-                                      f"{', '.join(sorted(DEAD_LETTER_QUEUE_NAMES))}")
+                                      f"{', '.join(queues.DEAD_LETTER_QUEUE_NAMES)}")
             record["body"] = base64.b64decode(record["body"], validate=True)
             record["headers"] = from_jsonable(record["headers"])
             record["properties"] = from_jsonable(record["properties"])

@@ -125,6 +125,8 @@ DEFAULT_QUEUE = "default"
 
 WORK_QUEUES: tuple[Queue, ...] = tuple(_work_queue(n) for n in WORK_QUEUE_NAMES)
 DEAD_LETTER_QUEUES: tuple[Queue, ...] = tuple(_dead_letter_queue(n) for n in WORK_QUEUE_NAMES)
+#: Dead-letter queues, in the order of their work queues.
+DEAD_LETTER_QUEUE_NAMES: tuple[str, ...] = tuple(q.name for q in DEAD_LETTER_QUEUES)
 WAIT_QUEUES: tuple[Queue, ...] = tuple(_wait_queue(s) for s in WAIT_TIERS_S)
 ALL_QUEUES: tuple[Queue, ...] = WORK_QUEUES + DEAD_LETTER_QUEUES + WAIT_QUEUES
 

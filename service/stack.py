@@ -1,9 +1,9 @@
 """The local stack: docker-compose.yml's services as processes on one machine, without Docker.
 
 docker-compose.yml is the one source of every component's command, flags,
-environment, config files and health check. This module reads it and runs the
-services that its ``x-local-stack`` extension lists, with the same commands,
-mapped to one machine by a few fixed rules:
+environment, config files and health check. This module reads it (through
+service.compose) and runs the services that its ``x-local-stack`` extension
+lists, with the same commands, mapped to one machine by a few fixed rules:
 
 - ``python`` is the virtual environment's (``venv``); an image entrypoint such
   as ``/bin/alertmanager`` is the Debian binary named in ``executables``.

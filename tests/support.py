@@ -56,15 +56,18 @@ def management(method: str, path: str, body: Any = None) -> Any:
     return json.loads(payload) if payload else None
 
 
-def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
     """Start a long-running process for a test in its own process group, bound to the test run.
 
-    The kernel sends it SIGTERM when the pytest process ends, however it ends
-    (``setpriv --pdeathsig``), so a test run killed before its teardown leaves no
-    worker, beat, Prometheus or broker running. Its process group is its own, so a
-    test can signal it and its children together with ``os.killpg(process.pid, ...)``.
+    Run from the test's (main) thread, the process gets SIGTERM from the kernel
+    when pytest exits, also on kill -9 (``setpriv --pdeathsig``, util-linux), so a
+    run killed before its teardown leaves no worker, beat, Prometheus or broker
+    behind; a worker then shuts down warm, after its running task. Without
+    setpriv the process is not bound. Its process group is its own, so a test can
+    signal it and its children together with ``os.killpg(process.pid, ...)``.
     """
-    bound = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
+    setpriv = shutil.which("setpriv")
+    bound = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
     return subprocess.Popen([*bound, *argv], start_new_session=True, **popen_kwargs)
 
 
@@ -89,15 +92,24 @@ def sweep_stale_vhosts(max_age: float = STALE_VHOST_AGE, now: float | None = Non
     now = time.time() if now is None else now
     try:
         names = [v["name"] for v in management("GET", "/api/vhosts")]
-    except (urllib.error.URLError, OSError):
+    except OSError:  # URLError included
         return []
     stale = []
     for name in names:
         created = name.removeprefix(TEST_VHOST_PREFIX).split("-")[0] if name.startswith(TEST_VHOST_PREFIX) else ""
         if created.isdigit() and now - int(created) > max_age:
-            management("DELETE", f"/api/vhosts/{urllib.request.quote(name, safe='')}")
+            delete_vhost(name)
             stale.append(name)
     return stale
+
+
+def delete_vhost(name: str) -> None:
+    """Delete a vhost and everything in it; one that is gone already is fine."""
+    try:
+        management("DELETE", f"/api/vhosts/{urllib.request.quote(name, safe='')}")
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
 
 
 class Vhost:
@@ -112,11 +124,9 @@ class Vhost:
         self.url = f"pyamqp://{ADMIN_USER}:{ADMIN_PASSWORD}@{AMQP_HOST}:{AMQP_PORT}/{self.name}"
 
     def delete(self) -> None:
-        """Remove the vhost and everything in it."""
-        try:
-            management("DELETE", f"/api/vhosts/{urllib.request.quote(self.name, safe='')}")
-        except urllib.error.URLError:
-            pass
+        """Remove the vhost and everything in it (nothing when the broker is unreachable)."""
+        with contextlib.suppress(urllib.error.URLError):
+            delete_vhost(self.name)
 
     def connection(self) -> amqp.Connection:
         """A raw py-amqp connection into this vhost."""
@@ -137,7 +147,7 @@ class Vhost:
 
         def closed() -> bool:
             rabbitmqctl("close_all_connections", "-p", self.name, "test: drop")
-            live = rabbitmqctl("list_connections", "vhost", "--no-table-headers").split()
+            live = rabbitmqctl("list_connections", "vhost", "--no-table-headers").splitlines()
             return self.name not in live
 
         wait_until(closed, timeout, f"the broker to drop every connection into {self.name}", interval=0.5)

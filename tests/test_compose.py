@@ -70,13 +70,18 @@ def raw() -> dict[str, Any]:
     return compose.load_compose(COMPOSE, environ={})
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> local.Stack:
+def prepared_stack(state_dir: Path, options: local.Options) -> local.Stack:
     """The local stack of a fresh state directory, its files written."""
-    made = local.Stack(tmp_path / "state", local.Options(demo=True), environ={"PATH": os.environ["PATH"]})
+    made = local.Stack(state_dir, options, environ={"PATH": os.environ["PATH"]})
     made.secrets_dir.mkdir(parents=True)
     made.prepare_files()
     return made
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> local.Stack:
+    """The default local stack (demo on) of a fresh state directory, its files written."""
+    return prepared_stack(tmp_path / "state", local.Options(demo=True))
 
 
 def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -337,9 +342,7 @@ def test_prometheus_scrapes_the_vhost_of_the_stack(stack: local.Stack, tmp_path:
     for targets in (REPO / "deploy/compose/prometheus-targets", REPO / "deploy/prometheus/targets"):
         groups = json.loads((targets / "rabbitmq.json").read_text())
         assert [g["labels"][local.VHOST_TARGET_LABEL] for g in groups] == [stack.vhost] * len(groups), targets
-    other = local.Stack(tmp_path / "other", local.Options(vhost="other-vhost"), environ={"PATH": os.environ["PATH"]})
-    other.secrets_dir.mkdir(parents=True)
-    other.prepare_files()
+    other = prepared_stack(tmp_path / "other", local.Options(vhost="other-vhost"))
     generated = Path(flag(list(other.component("prometheus").argv), "--config.file")).parent / "targets"
     groups = json.loads((generated / "rabbitmq.json").read_text())
     assert {g["labels"][local.VHOST_TARGET_LABEL] for g in groups} == {"other-vhost"}

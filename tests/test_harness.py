@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.support import REPO, Vhost, management, sweep_stale_vhosts, wait_until
+import pytest
+
+from tests.support import REPO, STALE_VHOST_AGE, Vhost, management, sweep_stale_vhosts, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -20,6 +24,7 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv (util-linux) binds spawned processes")
 def test_processes_spawned_by_a_killed_run_end_with_it():
     run = subprocess.Popen(
         [sys.executable, "-c",
@@ -30,6 +35,7 @@ def test_processes_spawned_by_a_killed_run_end_with_it():
          "time.sleep(600)\n"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )
+    child = None
     try:
         child = int(run.stdout.readline())
         assert _alive(child)
@@ -39,10 +45,13 @@ def test_processes_spawned_by_a_killed_run_end_with_it():
     finally:
         run.kill()
         run.wait(10)
+        run.stdout.close()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_sweep_removes_only_stale_test_vhosts():
-    old, fresh = Vhost(created=time.time() - 4 * 3600), Vhost()
+    old, fresh = Vhost(created=time.time() - STALE_VHOST_AGE - 60), Vhost()
     try:
         swept = sweep_stale_vhosts()
         assert old.name in swept

@@ -35,7 +35,7 @@ DRILL_FACTOR = 0.04  # 5m -> 12s, 10m -> 24s, 15m -> 36s
 DRILL_FLOOR = "6s"
 DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
 WORK_QUEUES = list(queues.WORK_QUEUE_NAMES)
-DEAD_QUEUES = [q.name for q in queues.DEAD_LETTER_QUEUES]
+DEAD_QUEUES = list(queues.DEAD_LETTER_QUEUE_NAMES)
 
 
 class Stack:

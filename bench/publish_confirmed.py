@@ -8,9 +8,10 @@ sending the same small JSON argument list to the ``bulk`` work queue, priority 1
 persistent (delivery_mode 2), each publish waiting for the broker's confirm:
 
   celery_confirmed        Celery's ``app.send_task(..., queue="bulk", priority=1)`` with
-                          ``broker_transport_options={"confirm_publish": True}``,
-                          ``task_send_sent_event=False`` (so Celery does not also publish
-                          a task-sent event per task; the kit's worker app turns it on).
+                          ``broker_transport_options={"confirm_publish": True}``, and
+                          ``task_send_sent_event`` as the client's KIT_SEND_SENT_EVENTS
+                          (default on), so both send the same unconfirmed task-sent
+                          event per task or neither does.
   raw_pyamqp_confirm_each py-amqp alone: ``channel.basic_publish_confirm(...)`` per message.
   client_publish          ``service.client.Publisher().publish(...)`` per message.
   client_publish_many     ``Publisher.publish_many([TaskRequest, ...])`` (windowed confirms).
@@ -30,23 +31,18 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import amqp
+import celery
+import kombu
+from common import print_methods, print_problems, print_ratios, ratio, rotated, summarize
+from kombu import Exchange, Queue
 
-import amqp  # noqa: E402
-import celery  # noqa: E402
-import kombu  # noqa: E402
-from kombu import Exchange, Queue  # noqa: E402
-
-from tests.support import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, Vhost, management  # noqa: E402
+from tests.support import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, Vhost, management
 
 QUEUE = "bulk"
 TASK_NAME = "reports.bench_noop"
@@ -79,7 +75,7 @@ class Method:
     anomalies: list[str] = field(default_factory=list)
 
 
-def make_celery(url: str, queues_mod) -> Method:
+def make_celery(url: str, queues_mod, sent_events: bool) -> Method:
     from celery import Celery
 
     bulk = queues_mod.work_queue(QUEUE)
@@ -104,7 +100,7 @@ def make_celery(url: str, queues_mod) -> Method:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        task_send_sent_event=False,  # off for fairness: no extra event message per task
+        task_send_sent_event=sent_events,  # as the client does: the same messages per task
     )
     priority = queues_mod.resolve_priority(PRIORITY_NAME)
 
@@ -150,21 +146,6 @@ def make_client(client_mod) -> tuple[Method, Method]:
     return Method(CLIENT, run_each, publisher.close), Method(CLIENT_MANY, run_many, many_publisher.close)
 
 
-def summarize(rates: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "us_per_msg_median": 1e6 / statistics.median(rates),
-    }
-
-
-def ratio(summary: dict[str, dict[str, float]], a: str, b: str) -> float | None:
-    if a in summary and b in summary:
-        return summary[a]["median"] / summary[b]["median"]
-    return None
-
-
 def print_table(report: dict) -> None:
     cfg = report["config"]
     print(
@@ -176,45 +157,21 @@ def print_table(report: dict) -> None:
         f"| kombu {report['env']['kombu']} | amqp {report['env']['amqp']} | vhost {cfg['vhost']}"
     )
     print(
+        f"task-sent events (KIT_SEND_SENT_EVENTS, the client and Celery alike): "
+        f"{'on' if cfg['client_sent_events'] else 'off'}"
+    )
+    print(
         f"{report['env']['cpus']} CPUs, 1-min load average {report['env']['loadavg_1m_before']} before the rounds, "
         f"{report['env']['loadavg_1m_after']} after (the broker runs on this host too)"
     )
     print()
-    header = f"{'method':<25} {'median msg/s':>13} {'min':>10} {'max':>10} {'us/msg':>9} {'ok':>5}  description"
-    print(header)
-    print("-" * len(header) + "-" * 30)
-    for name in DESCRIPTIONS:
-        ok = f"{sum(1 for rnd in report['rounds'] if rnd.get(name) is not None)}/{cfg['rounds']}"
-        s = report["summary"].get(name)
-        if s is None:
-            print(f"{name:<25} {'failed':>13} {'-':>10} {'-':>10} {'-':>9} {ok:>5}  {DESCRIPTIONS[name]}")
-            continue
-        print(
-            f"{name:<25} {s['median']:>13,.0f} {s['min']:>10,.0f} {s['max']:>10,.0f} "
-            f"{s['us_per_msg_median']:>9.1f} {ok:>5}  {DESCRIPTIONS[name]}"
-        )
-    print()
-    print("Per-round msg/s (order rotated per round):")
-    for i, rnd in enumerate(report["rounds"], 1):
-        cells = ", ".join(f"{name} {'FAILED' if rate is None else f'{rate:,.0f}'}" for name, rate in rnd.items())
-        print(f"  round {i}: {cells}")
-    if report["problems"]:
-        print()
-        print("Problems (failed rounds are left out of the statistics):")
-        for name, problem in report["problems"].items():
-            for line in problem["failures"] + problem["anomalies"]:
-                print(f"  {name}: {line}")
-    print()
-    print("Ratios of medians:")
-    for key, value in report["ratios"].items():
-        if value is None:
-            continue
-        mark = ""
-        if key == f"{CLIENT_MANY}/{CELERY}":
-            mark = f"   target >= {TARGET_RATIO:g}x: {'MET' if value >= TARGET_RATIO else 'NOT MET'}"
-        elif key == f"{CLIENT}/{CELERY}":
-            mark = "   (one publish at a time: bounded by the broker's per-message confirm, see raw)"
-        print(f"  {key:<50} {value:6.2f}x{mark}")
+    print_methods(report, DESCRIPTIONS, "order rotated per round")
+    print_problems({name: p["failures"] + p["anomalies"] for name, p in report["problems"].items()})
+    met = (report["ratios"][f"{CLIENT_MANY}/{CELERY}"] or 0) >= TARGET_RATIO
+    print_ratios(report["ratios"], {
+        f"{CLIENT_MANY}/{CELERY}": f"target >= {TARGET_RATIO:g}x: {'MET' if met else 'NOT MET'}",
+        f"{CLIENT}/{CELERY}": "(one publish at a time: bounded by the broker's per-message confirm, see raw)",
+    })
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         def purge() -> int:
             return admin_channel.queue_purge(QUEUE) or 0
 
-        methods.append(make_celery(vhost.url, queues_mod))
+        methods.append(make_celery(vhost.url, queues_mod, settings.send_sent_events))
         methods.append(make_raw(vhost.name, body, priority))
         methods.extend(make_client(client_mod))
 
@@ -273,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rounds: list[dict[str, float | None]] = []
         for r in range(opts.rounds):
-            k = r % len(methods)
-            order = methods[k:] + methods[:k]
+            order = rotated(methods, r)
             this_round: dict[str, float | None] = {}
             for method in order:
                 start = time.perf_counter()
@@ -329,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 "args": ARGS,
                 "body_bytes": len(body),
                 "vhost": vhost.name,
-                "celery_task_send_sent_event": False,
+                "client_sent_events": settings.send_sent_events,
+                "celery_task_send_sent_event": settings.send_sent_events,
             },
             "env": {
                 "python": platform.python_version(),

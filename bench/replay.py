@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import urllib.error
@@ -45,16 +44,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import amqp
+import kombu
+from common import print_methods, print_problems, print_ratios, ratio, rotated, summarize
 
-import amqp  # noqa: E402
-import kombu  # noqa: E402
-
-from tests.support import Vhost, management  # noqa: E402
+from tests.support import Vhost, management
 
 WORK_QUEUE = "default"
 DEAD_QUEUE = "default.dead"
@@ -265,65 +260,63 @@ def _next(conn: amqp.Connection, received: collections.deque) -> amqp.Message:
     return received.popleft()
 
 
-def make_raw_each(vhost: Vhost, prefetch: int) -> Method:
-    def measure(n: int) -> float:
-        conn, consumer, publisher = _raw_channels(vhost, prefetch)
-        try:
-            received: collections.deque = collections.deque()
-            start = time.perf_counter()
-            count = consumer.queue_declare(DEAD_QUEUE, passive=True)[1]
-            tag = consumer.basic_consume(DEAD_QUEUE, no_ack=False, callback=received.append)
-            for _ in range(count):
-                message = _next(conn, received)
-                copy = amqp.Message(message.body, **message.properties)
-                # Waits for this message's confirm; an unroutable (mandatory) one raises.
-                publisher.basic_publish_confirm(copy, TASK_EXCHANGE, WORK_QUEUE, mandatory=True, confirm_timeout=30)
-                consumer.basic_ack(message.delivery_tag)
-            consumer.basic_cancel(tag)
-            consumer.close()  # synchronous: the broker has processed every ack
-            elapsed = time.perf_counter() - start
-        finally:
-            conn.close()
-        if count != n:
-            raise BenchError(f"{DEAD_QUEUE!r} held {count} dead letters, {n} were seeded")
-        return elapsed
+def _timed_raw_move(vhost: Vhost, prefetch: int, n: int,
+                    move: Callable[[int, Callable[[], amqp.Message], amqp.Channel, amqp.Channel], None]) -> float:
+    """Seconds a raw loop takes to move every dead letter: ``move(count, next_message, consumer, publisher)``.
 
-    return Method(RAW_EACH, measure)
+    Timed from the passive declare that counts the queue to the channel close
+    that returns once the broker has processed every ack.
+    """
+    conn, consumer, publisher = _raw_channels(vhost, prefetch)
+    try:
+        received: collections.deque = collections.deque()
+        start = time.perf_counter()
+        count = consumer.queue_declare(DEAD_QUEUE, passive=True)[1]
+        tag = consumer.basic_consume(DEAD_QUEUE, no_ack=False, callback=received.append)
+        move(count, lambda: _next(conn, received), consumer, publisher)
+        consumer.basic_cancel(tag)
+        consumer.close()  # synchronous: the broker has processed every ack
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    if count != n:
+        raise BenchError(f"{DEAD_QUEUE!r} held {count} dead letters, {n} were seeded")
+    return elapsed
+
+
+def make_raw_each(vhost: Vhost, prefetch: int) -> Method:
+    def move(count: int, next_message: Callable[[], amqp.Message], consumer: amqp.Channel,
+             publisher: amqp.Channel) -> None:
+        for _ in range(count):
+            message = next_message()
+            copy = amqp.Message(message.body, **message.properties)
+            # Waits for this message's confirm; an unroutable (mandatory) one raises.
+            publisher.basic_publish_confirm(copy, TASK_EXCHANGE, WORK_QUEUE, mandatory=True, confirm_timeout=30)
+            consumer.basic_ack(message.delivery_tag)
+
+    return Method(RAW_EACH, lambda n: _timed_raw_move(vhost, prefetch, n, move))
 
 
 def make_raw_windowed(vhost: Vhost, prefetch: int, window: int) -> Method:
-    def measure(n: int) -> float:
-        conn, consumer, publisher = _raw_channels(vhost, prefetch)
-        try:
-            received: collections.deque = collections.deque()
-            confirms = Confirms(publisher)
-            start = time.perf_counter()
-            count = consumer.queue_declare(DEAD_QUEUE, passive=True)[1]
-            tag = consumer.basic_consume(DEAD_QUEUE, no_ack=False, callback=received.append)
-            done = 0
-            while done < count:
-                size = min(window, count - done)
-                last_tag = last_delivery = 0
-                for _ in range(size):
-                    message = _next(conn, received)
-                    copy = amqp.Message(message.body, **message.properties)
-                    publisher.basic_publish(copy, TASK_EXCHANGE, WORK_QUEUE, mandatory=True)
-                    last_tag = confirms.sent()
-                    last_delivery = message.delivery_tag
-                confirms.wait(last_tag, timeout=30)
-                # Deliveries come in order and all earlier ones are acked: one multiple ack.
-                consumer.basic_ack(last_delivery, multiple=True)
-                done += size
-            consumer.basic_cancel(tag)
-            consumer.close()
-            elapsed = time.perf_counter() - start
-        finally:
-            conn.close()
-        if count != n:
-            raise BenchError(f"{DEAD_QUEUE!r} held {count} dead letters, {n} were seeded")
-        return elapsed
+    def move(count: int, next_message: Callable[[], amqp.Message], consumer: amqp.Channel,
+             publisher: amqp.Channel) -> None:
+        confirms = Confirms(publisher)
+        done = 0
+        while done < count:
+            size = min(window, count - done)
+            last_tag = last_delivery = 0
+            for _ in range(size):
+                message = next_message()
+                copy = amqp.Message(message.body, **message.properties)
+                publisher.basic_publish(copy, TASK_EXCHANGE, WORK_QUEUE, mandatory=True)
+                last_tag = confirms.sent()
+                last_delivery = message.delivery_tag
+            confirms.wait(last_tag, timeout=30)
+            # Deliveries come in order and all earlier ones are acked: one multiple ack.
+            consumer.basic_ack(last_delivery, multiple=True)
+            done += size
 
-    return Method(RAW_WINDOWED, measure)
+    return Method(RAW_WINDOWED, lambda n: _timed_raw_move(vhost, prefetch, n, move))
 
 
 # -- running and reporting ------------------------------------------------------------------------
@@ -381,21 +374,6 @@ def delete_vhost(vhost: Vhost, timeout: float = 60) -> None:
         time.sleep(1)
 
 
-def summarize(rates: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "us_per_msg_median": 1e6 / statistics.median(rates),
-    }
-
-
-def ratio(summary: dict[str, dict[str, float]], a: str, b: str) -> float | None:
-    if a in summary and b in summary:
-        return summary[a]["median"] / summary[b]["median"]
-    return None
-
-
 def print_table(report: dict) -> None:
     cfg, env = report["config"], report["env"]
     print(
@@ -412,44 +390,14 @@ def print_table(report: dict) -> None:
         f"{env['loadavg_1m_after']} after (the broker runs on this host too)"
     )
     print()
-    header = f"{'method':<25} {'median msg/s':>13} {'min':>10} {'max':>10} {'us/msg':>9} {'ok':>5}  description"
-    print(header)
-    print("-" * len(header) + "-" * 40)
-    for name in DESCRIPTIONS:
-        ok = f"{sum(1 for rnd in report['rounds'] if rnd.get(name) is not None)}/{cfg['rounds']}"
-        s = report["summary"].get(name)
-        if s is None:
-            print(f"{name:<25} {'failed':>13} {'-':>10} {'-':>10} {'-':>9} {ok:>5}  {DESCRIPTIONS[name]}")
-            continue
-        print(
-            f"{name:<25} {s['median']:>13,.0f} {s['min']:>10,.0f} {s['max']:>10,.0f} "
-            f"{s['us_per_msg_median']:>9.1f} {ok:>5}  {DESCRIPTIONS[name]}"
-        )
-    print()
-    print("Per-round msg/s (order rotated per round; seeding not timed):")
-    for i, rnd in enumerate(report["rounds"], 1):
-        cells = ", ".join(f"{name} {'FAILED' if rate is None else f'{rate:,.0f}'}" for name, rate in rnd.items())
-        print(f"  round {i}: {cells}")
-    if report["problems"]:
-        print()
-        print("Problems (failed rounds are left out of the statistics):")
-        for name, lines in report["problems"].items():
-            for line in lines:
-                print(f"  {name}: {line}")
-    print()
-    print("Ratios of medians:")
-    for key, value in report["ratios"].items():
-        if value is None:
-            print(f"  {key:<50}    n/a")
-            continue
-        mark = ""
-        if key == f"{KIT}/{RAW_EACH}":
-            mark = f"   aim >= {TARGET_RATIO:g}x: {'MET' if value >= TARGET_RATIO else 'NOT MET'}"
-        elif key == f"{KIT}/{RAW_EACH}".replace(RAW_EACH, RAW_WINDOWED):
-            mark = "   (the default confirms each message; the raw loop a window)"
-        elif key == f"{KIT_BATCH}/{RAW_WINDOWED}":
-            mark = "   (like for like: both confirm a window at a time)"
-        print(f"  {key:<50} {value:6.2f}x{mark}")
+    print_methods(report, DESCRIPTIONS, "order rotated per round; seeding not timed")
+    print_problems(report["problems"])
+    met = (report["ratios"][f"{KIT}/{RAW_EACH}"] or 0) >= TARGET_RATIO
+    print_ratios(report["ratios"], {
+        f"{KIT}/{RAW_EACH}": f"aim >= {TARGET_RATIO:g}x: {'MET' if met else 'NOT MET'}",
+        f"{KIT}/{RAW_WINDOWED}": "(the default confirms each message; the raw loop a window)",
+        f"{KIT_BATCH}/{RAW_WINDOWED}": "(like for like: both confirm a window at a time)",
+    })
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()
         rounds: list[dict[str, float | None]] = []
         for r in range(opts.rounds):
-            k = r % len(methods)
             this_round: dict[str, float | None] = {}
-            for method in methods[k:] + methods[:k]:
+            for method in rotated(methods, r):
                 try:
                     elapsed = run(method, opts.messages)
                 except Exception as exc:  # noqa: BLE001 - a failing method is reported, the others still run

@@ -7,6 +7,8 @@ the checkout without installing anything.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,7 +19,25 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.support import management  # noqa: E402 - importable once the repository is on the path
+
 T = TypeVar("T")
+
+
+def environment(load_before: tuple[float, float, float], **versions: str) -> dict[str, Any]:
+    """What a run measured on: Python, the given library versions, RabbitMQ's version, CPUs, load before and now."""
+    try:
+        rabbitmq = management("GET", "/api/overview").get("rabbitmq_version", "?")
+    except Exception:  # noqa: BLE001 - only informational
+        rabbitmq = "?"
+    return {
+        "python": platform.python_version(),
+        **versions,
+        "rabbitmq": rabbitmq,
+        "cpus": os.cpu_count(),
+        "loadavg_1m_before": round(load_before[0], 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def rotated(items: Sequence[T], round_index: int) -> list[T]:

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -39,10 +38,10 @@ from dataclasses import dataclass, field
 import amqp
 import celery
 import kombu
-from common import print_methods, print_problems, print_ratios, ratio, rotated, summarize
+from common import environment, print_methods, print_problems, print_ratios, ratio, rotated, summarize
 from kombu import Exchange, Queue
 
-from tests.support import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, Vhost, management
+from tests.support import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, Vhost
 
 QUEUE = "bulk"
 TASK_NAME = "reports.bench_noop"
@@ -258,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  round {r + 1}/{opts.rounds} {method.name:<25} {rate:>10,.0f} msg/s", file=sys.stderr)
             rounds.append(this_round)
 
-        load_after = os.getloadavg()
         summary = {m.name: summarize(m.rates) for m in methods if m.rates}
         problems = {
             m.name: {"failures": m.failures, "anomalies": m.anomalies} for m in methods if m.failures or m.anomalies
@@ -271,10 +269,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{CLIENT_MANY}/{RAW}": ratio(summary, CLIENT_MANY, RAW),
             f"{CLIENT_MANY}/{CLIENT}": ratio(summary, CLIENT_MANY, CLIENT),
         }
-        try:
-            rabbitmq = management("GET", "/api/overview").get("rabbitmq_version", "?")
-        except Exception:  # noqa: BLE001 - only informational
-            rabbitmq = "?"
         report = {
             "config": {
                 "messages": opts.messages,
@@ -288,16 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 "client_sent_events": settings.send_sent_events,
                 "celery_task_send_sent_event": settings.send_sent_events,
             },
-            "env": {
-                "python": platform.python_version(),
-                "celery": celery.__version__,
-                "kombu": kombu.__version__,
-                "amqp": amqp.__version__,
-                "rabbitmq": rabbitmq,
-                "cpus": os.cpu_count(),
-                "loadavg_1m_before": round(load_before[0], 2),
-                "loadavg_1m_after": round(load_after[0], 2),
-            },
+            "env": environment(load_before, celery=celery.__version__, kombu=kombu.__version__, amqp=amqp.__version__),
             "rounds": rounds,
             "summary": summary,
             "ratios": ratios,

@@ -35,7 +35,6 @@ import collections
 import contextlib
 import json
 import os
-import platform
 import sys
 import time
 import urllib.error
@@ -47,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 
 import amqp
 import kombu
-from common import print_methods, print_problems, print_ratios, ratio, rotated, summarize
+from common import environment, print_methods, print_problems, print_ratios, ratio, rotated, summarize
 
 from tests.support import Vhost, management
 
@@ -486,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  round {r + 1}/{opts.rounds} {method.name:<25} {rate:>10,.0f} msg/s "
                           f"({elapsed:.2f} s)", file=sys.stderr)
             rounds.append(this_round)
-        load_after = os.getloadavg()
 
         summary = {m.name: summarize(m.rates) for m in methods if m.rates}
         ratios = {
@@ -496,10 +494,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{KIT_BATCH}/{RAW_EACH}": ratio(summary, KIT_BATCH, RAW_EACH),
             f"{KIT_BATCH}/{RAW_WINDOWED}": ratio(summary, KIT_BATCH, RAW_WINDOWED),
         }
-        try:
-            rabbitmq = management("GET", "/api/overview").get("rabbitmq_version", "?")
-        except Exception:  # noqa: BLE001 - only informational
-            rabbitmq = "?"
         aim = ratios[f"{KIT}/{RAW_EACH}"]
         report = {
             "config": {
@@ -515,15 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                 "raw_prefetch": opts.raw_prefetch,
                 "vhost": vhost.name,
             },
-            "env": {
-                "python": platform.python_version(),
-                "kombu": kombu.__version__,
-                "amqp": amqp.__version__,
-                "rabbitmq": rabbitmq,
-                "cpus": os.cpu_count(),
-                "loadavg_1m_before": round(load_before[0], 2),
-                "loadavg_1m_after": round(load_after[0], 2),
-            },
+            "env": environment(load_before, kombu=kombu.__version__, amqp=amqp.__version__),
             "rounds": rounds,
             "summary": summary,
             "ratios": ratios,

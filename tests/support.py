@@ -67,8 +67,29 @@ def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
     signal it and its children together with ``os.killpg(process.pid, ...)``.
     """
     setpriv = shutil.which("setpriv")
-    bound = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-    return subprocess.Popen([*bound, *argv], start_new_session=True, **popen_kwargs)
+    if not setpriv:
+        return subprocess.Popen(list(argv), start_new_session=True, **popen_kwargs)
+    process = subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *argv], start_new_session=True, **popen_kwargs)
+    _wait_past_setpriv(process, os.path.realpath(setpriv))
+    return process
+
+
+def _wait_past_setpriv(process: subprocess.Popen[bytes], setpriv: str, timeout: float = 10.0) -> None:
+    """Return once ``process`` has exec'd past setpriv, so its death signal is armed.
+
+    The kernel arms the signal only while the parent lives: had this run died
+    between Popen and setpriv's prctl (seen once in 40 kills on a loaded
+    machine), the process would have outlived it. So ``spawn`` returns only
+    after setpriv has replaced itself with the command.
+    """
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if os.readlink(f"/proc/{process.pid}/exe") != setpriv:
+                return
+        except OSError:  # exiting, or between images
+            pass
+        time.sleep(0.001)
 
 
 def rabbitmqctl(*args: str) -> str:

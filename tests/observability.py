@@ -78,7 +78,7 @@ class Prometheus(Process):
             "--storage.tsdb.retention.time=1d",
         ], workdir)
 
-    def wait_ready(self, timeout: float = 30) -> Prometheus:
+    def wait_ready(self, timeout: float = 60) -> Prometheus:
         def ready() -> bool:
             if not self.alive():
                 raise AssertionError(f"prometheus exited:\n{self.log()}")
@@ -121,7 +121,7 @@ class Exporter(Process):
             "--purge-offline-worker-metrics", str(purge_after), "--accept-content", "json",
         ], workdir)
 
-    def wait_ready(self, timeout: float = 30) -> Exporter:
+    def wait_ready(self, timeout: float = 60) -> Exporter:
         def ready() -> bool:
             if not self.alive():
                 raise AssertionError(f"celery-exporter exited:\n{self.log()}")

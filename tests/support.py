@@ -51,7 +51,8 @@ def management(method: str, path: str, body: Any = None) -> Any:
     token = base64.b64encode(f"{ADMIN_USER}:{ADMIN_PASSWORD}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
+    # Deleting a vhost full of queues can take seconds on a loaded broker.
+    with urllib.request.urlopen(request, timeout=30) as response:
         payload = response.read()
     return json.loads(payload) if payload else None
 
@@ -157,7 +158,7 @@ class Vhost:
         conn.connect()
         return conn
 
-    def drop_connections(self, timeout: float = 20) -> None:
+    def drop_connections(self, timeout: float = 60) -> None:
         """Have the broker close every client connection into this vhost, and wait until none is left.
 
         ``close_all_connections -p`` only reaches connections the broker has already
@@ -225,7 +226,7 @@ class Worker:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = spawn(argv, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, vhost: Vhost, timeout: float = 30) -> Worker:
+    def wait_ready(self, vhost: Vhost, timeout: float = 60) -> Worker:
         """Wait until the worker consumes all its queues."""
         def consuming() -> bool:
             if self.process.poll() is not None:

@@ -31,7 +31,7 @@ def test_beat_schedules_the_report_cleanup(kit_env, monkeypatch, start_worker, t
             still_running()
             return not old.exists()
 
-        wait_until(old_export_deleted, 20, "the scheduled clean-up to delete the old export", interval=0.1)
+        wait_until(old_export_deleted, 60, "the scheduled clean-up to delete the old export", interval=0.1)
 
     assert new.exists()
     assert any(state_dir.glob("celerybeat-schedule*"))  # beat kept its state where it was told

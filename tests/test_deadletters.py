@@ -788,7 +788,7 @@ def test_a_kill_at_any_moment_duplicates_at_most_one_message(vhost, kit_env, top
     assert len(duplicates) <= 1, f"{len(duplicates)} messages are both replayed and still dead-lettered"
 
 
-def _replay_under_way(vhost: Vhost, kit_env: dict[str, str], tmp_path: Path, count: int = 40) -> subprocess.Popen:
+def _replay_under_way(vhost: Vhost, kit_env: dict[str, str], tmp_path: Path, count: int = 200) -> subprocess.Popen:
     """A slow replay (5/s) of ``count`` dead letters of the default queue, holding its lock."""
     seed(vhost, [Spec(f"c{i:02d}", "test.record", args=[i]) for i in range(count)])
     replay = start_cli(kit_env, tmp_path, "replay", "-q", "default", "--rate", "5")
@@ -797,8 +797,8 @@ def _replay_under_way(vhost: Vhost, kit_env: dict[str, str], tmp_path: Path, cou
     return replay
 
 
-def _finish_after_kill(vhost: Vhost, kit_env: dict[str, str], count: int = 40) -> None:
-    wait_until(lambda: lock_free(vhost, "default.dead") and vhost.counts("default.dead")[1] == 0, 15,
+def _finish_after_kill(vhost: Vhost, kit_env: dict[str, str], count: int = 200) -> None:
+    wait_until(lambda: lock_free(vhost, "default.dead") and vhost.counts("default.dead")[1] == 0, 30,
                "the lock to be released")
     left = vhost.depth("default.dead")
     assert ok(kit_env, "replay", "-q", "default").stdout.strip() == f"replayed {left}, skipped 0, refused 0, failed 0"

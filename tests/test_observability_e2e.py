@@ -166,7 +166,7 @@ def _wait_notified(stack: Stack, alertname: str, since: float, timeout: float, s
 
 def test_every_target_is_up(stack: Stack) -> None:
     wait_until(lambda: all(stack.prometheus.targets_up().get(job) for job in
-                           ("rabbitmq", "celery-exporter", "kit-workers")), 30, "every scrape target up")
+                           ("rabbitmq", "celery-exporter", "kit-workers")), 60, "every scrape target up")
 
 
 def test_queues_of_other_vhosts_are_not_scraped(stack: Stack) -> None:

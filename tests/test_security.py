@@ -346,10 +346,18 @@ def test_least_privilege_worker_runs_retries_and_dead_letters(users, kit_env, tm
         wait_until(lambda: sorted(recorded(tmp_path, "done")) == ["flaky", "plain"], 30, "the retried task")
         assert recorded(tmp_path, "attempt").count("flaky:2") == 1
         # Remote control works with the worker's rights too (the compose healthcheck uses it).
-        ping = subprocess.run([sys.executable, "-m", "celery", "-A", "service.app", "inspect", "ping",
-                               "--timeout", "5", "-d", node], env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
-        assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
+        pings: list[subprocess.CompletedProcess[str]] = []
+
+        def pong() -> bool:
+            pings.append(subprocess.run([sys.executable, "-m", "celery", "-A", "service.app", "inspect", "ping",
+                                         "--timeout", "5", "-d", node], env=env, cwd=REPO, capture_output=True,
+                                        text=True, timeout=60))
+            return pings[-1].returncode == 0 and "pong" in pings[-1].stdout
+
+        try:
+            wait_until(pong, 60, "the worker to answer a ping", interval=1)
+        except AssertionError:
+            raise AssertionError(pings[-1].stdout + pings[-1].stderr) from None
         assert worker.process.poll() is None
         log = worker.log()
         assert "ACCESS_REFUSED" not in log and "mingle: all alone" in log, log
@@ -404,7 +412,8 @@ def test_celery_exporter_works_as_the_monitor_user(users, kit_env, tmp_path):
     exporter = None
     try:
         worker.wait_ready(users.vhost)
-        exporter = Exporter(users.url("monitor"), ["default", "default.dead"], tmp_path).wait_ready(60)
+        exporter = Exporter(users.url("monitor"), ["default", "default.dead"], tmp_path,
+                            worker_timeout=30).wait_ready(60)
         with client_as(users, "publisher") as publisher:
             publisher.publish("test.record", ["counted"])
 
@@ -654,8 +663,8 @@ def tls_broker(tmp_path_factory) -> Iterator[TlsBroker]:
     server_process = spawn([str(RABBITMQ_BIN / "rabbitmq-server")], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         # `wait` waits for the pid file, then for the node to boot.
-        done = subprocess.run([*ctl, "wait", str(work / "node.pid"), "--timeout", "60"], env=env,
-                              capture_output=True, text=True, timeout=90)
+        done = subprocess.run([*ctl, "wait", str(work / "node.pid"), "--timeout", "120"], env=env,
+                              capture_output=True, text=True, timeout=150)
         if done.returncode != 0 or server_process.poll() is not None:
             raise AssertionError(f"the TLS node did not start:\n{done.stdout}{done.stderr}\n"
                                  f"{(work / 'server.log').read_text(errors='replace')[-3000:]}")

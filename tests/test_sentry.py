@@ -245,7 +245,7 @@ def test_beat_schedules_are_sentry_crons_monitors(sentry_env, endpoint, monkeypa
             found = [c for c in endpoint.items("check_in") if c["monitor_slug"] == "maintenance.cleanup_reports"]
             return found if {c["status"] for c in found} >= {"in_progress", "ok"} else []
 
-        found = wait_until(check_ins, 30, "the in_progress and ok check-ins", interval=0.1)
+        found = wait_until(check_ins, 60, "the in_progress and ok check-ins", interval=0.1)
 
     started = next(c for c in found if c["status"] == "in_progress")  # from beat
     done = next(c for c in found if c["status"] == "ok")  # from the worker that ran it

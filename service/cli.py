@@ -241,9 +241,10 @@ def _local_stack(port_offset: int | None = None, vhost: str | None = None, user_
                  demo: bool = False) -> Any:
     """The stack of KIT_STATE_DIR: the options given, else those of its last `up`."""
     from service import stack as local
+    from service import stack_processes as processes
 
     settings = load()
-    saved = local.saved_options(settings.state_dir) or local.Options()
+    saved = processes.saved_options(settings.state_dir) or local.Options()
     options = local.Options(
         port_offset=saved.port_offset if port_offset is None else port_offset,
         vhost=vhost or saved.vhost,
@@ -251,7 +252,7 @@ def _local_stack(port_offset: int | None = None, vhost: str | None = None, user_
         demo=demo,
     )
     current = local.Stack(settings.state_dir, saved)
-    running = [c.name for c in current.all_components() if local.running_pid(current, c.name)]
+    running = [c.name for c in current.all_components() if processes.running_pid(current, c.name)]
     changed = (options.port_offset, options.vhost, options.user_prefix) != (
         saved.port_offset, saved.vhost, saved.user_prefix)
     if running and changed:
@@ -298,10 +299,10 @@ def stack_up(demo: bool, port_offset: int | None, vhost: str | None, user_prefix
     Running it again is harmless: what runs keeps running. Exits 1 when a
     component is not healthy within --wait seconds.
     """
-    from service import stack as local
+    from service import stack_processes as processes
 
     current = _local_stack(port_offset, vhost, user_prefix, demo)
-    with local.locked(current):
+    with processes.locked(current):
         _stack_up(current, wait_seconds)
 
 
@@ -310,6 +311,8 @@ def _stack_up(current: Any, wait_seconds: float) -> None:
     import subprocess
 
     from service import stack as local
+    from service import stack_processes as processes
+    from service import stack_provision as provisioning
 
     admin_url = load().broker_url
     # AMQP, the management API and the prometheus plugin: scripts/broker.sh starts
@@ -326,24 +329,24 @@ def _stack_up(current: Any, wait_seconds: float) -> None:
         click.echo(f"RabbitMQ does not answer on port {closed}: running scripts/broker.sh start")
         if subprocess.run(["bash", str(local.REPO / "scripts" / "broker.sh"), "start"]).returncode != 0:
             raise local.StackError("scripts/broker.sh could not start RabbitMQ (see its output above)")
-    local.make_secrets(current)
-    admin = local.provision(current, admin_url)
+    provisioning.make_secrets(current)
+    admin = provisioning.provision(current, admin_url)
     click.echo(f"{'rabbitmq':22} vhost {current.vhost}: users {current.user('admin')}, "
                f"{current.user('publisher')}, {current.user('worker')}, {current.user('monitor')} "
                f"and the topology provisioned (as {admin})")
     current.prepare_files()
-    local.save_options(current)
+    processes.save_options(current)
     components = current.components()
     for component in components:
-        pid, started = local.start(current, component)
+        pid, started = processes.start(current, component)
         click.echo(f"{component.name:22} pid {pid:<7} {'started' if started else 'already running'}")
     click.echo(f"waiting up to {wait_seconds:g}s for the health checks ...")
-    results = local.wait_healthy(current, components, wait_seconds)
+    results = processes.wait_healthy(current, components, wait_seconds)
     unhealthy = 0
     for component in components:
         healthy, detail = results[component.name]
         unhealthy += not healthy
-        _show_health(component.name, local.running_pid(current, component.name), healthy, detail)
+        _show_health(component.name, processes.running_pid(current, component.name), healthy, detail)
     _show_urls(current)
     if unhealthy:
         click.echo(f"{unhealthy} component(s) not healthy; see their logs in {current.log_dir}", err=True)
@@ -354,16 +357,16 @@ def _stack_up(current: Any, wait_seconds: float) -> None:
 @friendly_errors
 def stack_down() -> None:
     """Stop the processes that `stack up` started (workers: warm shutdown). RabbitMQ keeps running."""
-    from service import stack as local
+    from service import stack_processes as processes
 
     current = _local_stack()
-    with local.locked(current):
+    with processes.locked(current):
         components = current.all_components()
         for component in reversed(components):
-            stopped = local.stop(current, component)
+            stopped = processes.stop(current, component)
             click.echo(f"{component.name:22} {'stopped' if stopped else 'not running'}")
-        for name in local.started_names(current):  # started from an older docker-compose.yml
-            if name not in {c.name for c in components} and local.stop_name(current, name):
+        for name in processes.started_names(current):  # started from an older docker-compose.yml
+            if name not in {c.name for c in components} and processes.stop_name(current, name):
                 click.echo(f"{name:22} stopped")
 
 
@@ -371,20 +374,21 @@ def stack_down() -> None:
 @friendly_errors
 def stack_status() -> None:
     """What runs, what fails its health check, the broker's queue depths, the URLs. Exit 1 if anything is down."""
-    from service import stack as local
+    from service import stack_processes as processes
+    from service import stack_provision as provisioning
 
     current = _local_stack()
     unhealthy = 0
     for component in current.all_components():
-        pid = local.running_pid(current, component.name)
+        pid = processes.running_pid(current, component.name)
         if not pid and current.optional(component.name):
             click.echo(f"{component.name:22} not running (only with stack up --demo)")
             continue
-        healthy, detail = local.health(current, component)
+        healthy, detail = processes.health(current, component)
         unhealthy += not healthy
         _show_health(component.name, pid, healthy, detail)
     try:
-        url = local.admin_broker_url(current)
+        url = provisioning.admin_broker_url(current)
     except ConfigError:
         click.echo(f"{'rabbitmq':22} NOT PROVISIONED: run `stack up`")
         sys.exit(EXIT_DRIFT)

@@ -23,7 +23,7 @@ lists, with the same commands, mapped to one machine by a few fixed rules:
   are files in KIT_STATE_DIR/secrets, made by scripts/make-secrets.sh on the
   first ``up``, and the vhost, users and topology are created over RabbitMQ's
   management API by service.broker, as ``python -m service broker provision``
-  does.
+  does (service.stack_provision).
 - ``environment`` values are compose's; a value left empty in compose is passed
   through from the caller's environment, as compose does. Other KIT_* and
   SENTRY_* variables of the caller are not passed on.
@@ -31,25 +31,22 @@ lists, with the same commands, mapped to one machine by a few fixed rules:
 ``up`` starts what is not running yet (running it twice is harmless), ``down``
 stops only the processes ``up`` started (pid files in KIT_STATE_DIR/run hold
 each pid with its start time, so a reused pid is never signalled), ``status``
-says what runs and what fails its health check. RabbitMQ itself is Debian's,
-started by ``scripts/broker.sh`` when it is not reachable, and never stopped.
+says what runs and what fails its health check (service.stack_processes).
+RabbitMQ itself is Debian's, started by ``scripts/broker.sh`` when it is not
+reachable, and never stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +54,6 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from service.compose import (
     COMPOSE_FILE,
-    DEFAULT_STOP_GRACE,
     container_ports,
     full_command,
     load_compose,
@@ -505,225 +501,3 @@ def _replace_with_symlink(link: Path, target: Path) -> None:
         _remove(link)
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(target)
-
-
-def make_secrets(stack: Stack) -> None:
-    """The stack's secret files (scripts/make-secrets.sh: only missing ones are created)."""
-    done = subprocess.run(["bash", str(REPO / "scripts" / "make-secrets.sh"), str(stack.secrets_dir)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise StackError(f"scripts/make-secrets.sh failed: {done.stderr.strip()}")
-
-
-def provision(stack: Stack, admin_url: str) -> str:
-    """Create or update the vhost, users, permissions and topology; returns the admin it used.
-
-    Tries the stack's own administrator first, then the broker's administrator
-    of ``admin_url`` (KIT_BROKER_URL: guest on a fresh Debian RabbitMQ, loopback only).
-    """
-    from service import broker
-
-    passwords = broker.read_passwords(stack.secrets_dir)
-    defs = broker.definitions(stack.vhost, passwords, stack.user_prefix)
-    url = stack.management_url()
-    try:
-        broker.provision(defs, url, stack.user("admin"), passwords["admin"])
-        return stack.user("admin")
-    except broker.ProvisioningError:
-        parts = urlsplit(admin_url)
-        if parts.username and parts.password:
-            try:
-                broker.provision(defs, url, unquote(parts.username), unquote(parts.password))
-                return unquote(parts.username)
-            except broker.ProvisioningError:
-                pass
-        # A fresh local broker: create the stack's administrator with rabbitmqctl
-        # (root on the broker's machine), then provision as that administrator.
-        _bootstrap_admin(stack.vhost, stack.user("admin"), passwords["admin"])
-        broker.provision(defs, url, stack.user("admin"), passwords["admin"])
-        return stack.user("admin")
-
-
-def _bootstrap_admin(vhost: str, user: str, password: str) -> None:
-    """Create ``user`` as administrator of ``vhost`` on the local node (idempotent)."""
-    def ctl(*args: str, ok_if: str = "") -> None:
-        result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True)
-        if result.returncode != 0 and not (ok_if and ok_if in (result.stdout + result.stderr)):
-            raise RuntimeError(f"rabbitmqctl {args[0]} failed: {(result.stderr or result.stdout).strip()}")
-
-    ctl("add_vhost", vhost, ok_if="already exists")
-    ctl("add_user", user, password, ok_if="already exists")
-    ctl("change_password", user, password)
-    ctl("set_user_tags", user, "administrator")
-    ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-
-
-def broker_reachable(url: str, timeout: float = 5) -> bool:
-    """Whether an AMQP connection to ``url`` opens."""
-    from kombu import Connection
-
-    conn = Connection(url, connect_timeout=timeout)
-    try:
-        conn.connect()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not reachable"
-        return False
-    finally:
-        conn.release()
-
-
-def admin_broker_url(stack: Stack) -> str:
-    """The stack's administrator in its vhost (password from the secrets)."""
-    from service import broker
-
-    password = broker.read_passwords(stack.secrets_dir, roles=("admin",))["admin"]
-    return (f"pyamqp://{quote(stack.user('admin'), safe='')}:{quote(password, safe='')}@{stack.host}:"
-            f"{stack.local_port('rabbitmq', 5672)}/{quote(stack.vhost, safe='')}")
-
-
-# ---------------------------------------------------------------------------
-# Processes
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def _pid_file(stack: Stack, name: str) -> Path:
-    return stack.run_dir / f"{name}.pid"
-
-
-def running_pid(stack: Stack, name: str) -> int | None:
-    """The pid of a component this stack started, if that very process still runs."""
-    try:
-        pid_text, _, started = _pid_file(stack, name).read_text().strip().partition(" ")
-        pid = int(pid_text)
-    except (OSError, ValueError):
-        return None
-    now = _start_time(pid)
-    if now is None or (started and now != started):
-        return None
-    return pid
-
-
-def start(stack: Stack, component: Component) -> tuple[int, bool]:
-    """Start a component unless it runs; returns (pid, started_now)."""
-    pid = running_pid(stack, component.name)
-    if pid:
-        return pid, False
-    venv = stack.local_services.get(component.name, {}).get("venv")
-    if venv and not (REPO / venv / "bin" / "python").is_file():
-        raise StackError(f"{component.name}: the virtual environment {venv} is missing; run scripts/install.sh")
-    stack.run_dir.mkdir(parents=True, exist_ok=True)
-    stack.log_dir.mkdir(parents=True, exist_ok=True)
-    with (stack.log_dir / f"{component.name}.log").open("ab") as log:
-        try:
-            process = subprocess.Popen(component.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True, env=dict(component.env))
-        except OSError as exc:
-            raise StackError(f"{component.name}: cannot run {component.argv[0]} ({exc.strerror}); "
-                             "run scripts/install.sh") from None
-    started = _start_time(process.pid) or ""
-    tmp = _pid_file(stack, component.name).with_suffix(".tmp")
-    tmp.write_text(f"{process.pid} {started}\n")
-    tmp.replace(_pid_file(stack, component.name))
-    return process.pid, True
-
-
-def stop(stack: Stack, component: Component, timeout: float | None = None) -> bool:
-    """Stop a component this stack started, as Docker does: SIGTERM to the process
-    (a worker's warm shutdown), SIGKILL to its process group after its stop_grace_period."""
-    return stop_name(stack, component.name, component.stop_timeout if timeout is None else timeout)
-
-
-def started_names(stack: Stack) -> list[str]:
-    """Components with a pid file, including ones docker-compose.yml no longer lists."""
-    return sorted(p.stem for p in stack.run_dir.glob("*.pid")) if stack.run_dir.is_dir() else []
-
-
-def stop_name(stack: Stack, name: str, timeout: float = DEFAULT_STOP_GRACE) -> bool:
-    """Stop the process of pid file ``name`` if this stack started it and it still runs."""
-    pid = running_pid(stack, name)
-    pid_file = _pid_file(stack, name)
-    if not pid:
-        pid_file.unlink(missing_ok=True)
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _start_time(pid) is not None:
-        time.sleep(0.2)
-    try:  # whatever is left of its process group (pool processes of a killed worker)
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    pid_file.unlink(missing_ok=True)
-    return True
-
-
-@contextlib.contextmanager
-def locked(stack: Stack) -> Iterator[None]:
-    """One `up` or `down` at a time per state directory."""
-    stack.run_dir.mkdir(parents=True, exist_ok=True)
-    with (stack.run_dir / "stack.lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StackError(f"another `stack up` or `stack down` runs on {stack.state_dir}") from None
-        yield
-
-
-def wait_healthy(stack: Stack, components: list[Component], timeout: float,
-                 on_change: Callable[[str, bool, str], None] | None = None) -> dict[str, tuple[bool, str]]:
-    """Probe until every component is healthy or ``timeout`` passes; name -> (healthy, detail)."""
-    deadline = time.monotonic() + timeout
-    results: dict[str, tuple[bool, str]] = {}
-    exited: set[str] = set()
-    while True:
-        for c in components:
-            if results.get(c.name, (False, ""))[0] or c.name in exited:
-                continue
-            results[c.name] = health(stack, c)
-            if not running_pid(stack, c.name):  # it will not get healthy by waiting
-                exited.add(c.name)
-                results[c.name] = (False, f"exited; see {stack.log_dir / (c.name + '.log')}")
-            if on_change and results[c.name][0]:
-                on_change(c.name, True, results[c.name][1])
-        pending = [n for n, (ok, _) in results.items() if not ok and n not in exited]
-        if not pending or time.monotonic() > deadline:
-            return results
-        time.sleep(1)
-
-
-def health(stack: Stack, component: Component) -> tuple[bool, str]:
-    """(healthy, detail) of a component: it runs, and passes its compose health check."""
-    if not running_pid(stack, component.name):
-        return False, "not running"
-    if component.probe is None:
-        return True, "running (no health check)"
-    return component.probe.check(component.env)
-
-
-def save_options(stack: Stack) -> None:
-    stack.run_dir.mkdir(parents=True, exist_ok=True)
-    (stack.run_dir / "stack.json").write_text(json.dumps(stack.options.as_dict(), indent=2) + "\n")
-
-
-def saved_options(state_dir: Path) -> Options | None:
-    """The options of the last ``up`` in this state directory."""
-    try:
-        data = json.loads((Path(state_dir) / "run" / "stack.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return Options(**{k: data.get(k) for k in ("vhost", "user_prefix")},
-                   port_offset=int(data.get("port_offset") or 0), demo=bool(data.get("demo")))

@@ -69,20 +69,6 @@ def _bootstrap_admin(vhost: str, user: str, password: str) -> None:
     ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
 
 
-def broker_reachable(url: str, timeout: float = 5) -> bool:
-    """Whether an AMQP connection to ``url`` opens."""
-    from kombu import Connection
-
-    conn = Connection(url, connect_timeout=timeout)
-    try:
-        conn.connect()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not reachable"
-        return False
-    finally:
-        conn.release()
-
-
 def admin_broker_url(stack: Stack) -> str:
     """The stack's administrator in its vhost (password from the secrets)."""
     from service import broker

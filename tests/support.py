@@ -44,6 +44,30 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+def wait_for_run(
+    run: Callable[[], subprocess.CompletedProcess[str]],
+    succeeded: Callable[[subprocess.CompletedProcess[str]], bool],
+    timeout: float,
+    what: str,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command again until ``succeeded`` says yes; return that run.
+
+    For one-shot probes (a ping, a health check) that a loaded machine may answer
+    late; on timeout the test fails with the last run's output.
+    """
+    runs: list[subprocess.CompletedProcess[str]] = []
+
+    def attempt() -> bool:
+        runs.append(run())
+        return succeeded(runs[-1])
+
+    try:
+        wait_until(attempt, timeout, what, interval=1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the last run printed:\n{runs[-1].stdout}{runs[-1].stderr}") from None
+    return runs[-1]
+
+
 def management(method: str, path: str, body: Any = None) -> Any:
     """Call RabbitMQ's management HTTP API as the admin user."""
     data = json.dumps(body).encode() if body is not None else None

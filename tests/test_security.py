@@ -49,6 +49,7 @@ from tests.support import (
     Worker,
     management,
     spawn,
+    wait_for_run,
     wait_until,
 )
 from tests.worker_tasks import recorded
@@ -346,18 +347,11 @@ def test_least_privilege_worker_runs_retries_and_dead_letters(users, kit_env, tm
         wait_until(lambda: sorted(recorded(tmp_path, "done")) == ["flaky", "plain"], 30, "the retried task")
         assert recorded(tmp_path, "attempt").count("flaky:2") == 1
         # Remote control works with the worker's rights too (the compose healthcheck uses it).
-        pings: list[subprocess.CompletedProcess[str]] = []
-
-        def pong() -> bool:
-            pings.append(subprocess.run([sys.executable, "-m", "celery", "-A", "service.app", "inspect", "ping",
-                                         "--timeout", "5", "-d", node], env=env, cwd=REPO, capture_output=True,
-                                        text=True, timeout=60))
-            return pings[-1].returncode == 0 and "pong" in pings[-1].stdout
-
-        try:
-            wait_until(pong, 60, "the worker to answer a ping", interval=1)
-        except AssertionError:
-            raise AssertionError(pings[-1].stdout + pings[-1].stderr) from None
+        wait_for_run(
+            lambda: subprocess.run([sys.executable, "-m", "celery", "-A", "service.app", "inspect", "ping",
+                                    "--timeout", "5", "-d", node], env=env, cwd=REPO, capture_output=True,
+                                   text=True, timeout=60),
+            lambda ping: ping.returncode == 0 and "pong" in ping.stdout, 60, "the worker to answer a ping")
         assert worker.process.poll() is None
         log = worker.log()
         assert "ACCESS_REFUSED" not in log and "mingle: all alone" in log, log

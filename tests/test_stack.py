@@ -36,6 +36,7 @@ from tests.support import (
     REPO,
     management,
     spawn,
+    wait_for_run,
     wait_until,
 )
 
@@ -142,19 +143,11 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
 
     # `status` probes each component once (a worker answers a ping under demo
     # load), so a slow answer on a loaded machine is asked again.
-    statuses = []
-
-    def all_healthy() -> bool:
-        statuses.append(running.cli("status"))
-        out = statuses[-1].stdout
-        return statuses[-1].returncode == 0 and all(
-            re.search(rf"^{name}\s+running, pid {pid}\s+healthy$", out, re.M) for name, pid in first.items())
-
-    try:
-        wait_until(all_healthy, 60, "stack status to report every component healthy", interval=1)
-    except AssertionError:
-        raise AssertionError(statuses[-1].stdout + statuses[-1].stderr) from None
-    status = statuses[-1]
+    status = wait_for_run(
+        lambda: running.cli("status"),
+        lambda run: run.returncode == 0 and all(
+            re.search(rf"^{name}\s+running, pid {pid}\s+healthy$", run.stdout, re.M) for name, pid in first.items()),
+        60, "stack status to report every component healthy")
     assert re.search(r"^queue urgent\s+ready \d+\s+consumers [1-9]", status.stdout, re.M), status.stdout
 
     # Prometheus scrapes every target of the stack ...

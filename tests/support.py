@@ -56,15 +56,21 @@ def wait_for_run(
     late; on timeout the test fails with the last run's output.
     """
     runs: list[subprocess.CompletedProcess[str]] = []
+    last_output = ["(no run finished)"]
 
     def attempt() -> bool:
-        runs.append(run())
+        try:
+            runs.append(run())
+        except subprocess.TimeoutExpired as exc:  # a hung run counts as a failed one
+            last_output[0] = f"(the run timed out after {exc.timeout:g}s)"
+            return False
+        last_output[0] = runs[-1].stdout + runs[-1].stderr
         return succeeded(runs[-1])
 
     try:
         wait_until(attempt, timeout, what, interval=1)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; the last run printed:\n{runs[-1].stdout}{runs[-1].stderr}") from None
+        raise AssertionError(f"{exc}; the last run printed:\n{last_output[0]}") from None
     return runs[-1]
 
 
@@ -112,6 +118,8 @@ def _wait_past_setpriv(process: subprocess.Popen[bytes], setpriv: str, timeout: 
         try:
             if os.readlink(f"/proc/{process.pid}/exe") != setpriv:
                 return
+        except PermissionError:  # setpriv's own image is readable: this is the command's
+            return
         except OSError:  # exiting, or between images
             pass
         time.sleep(0.001)

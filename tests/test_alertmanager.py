@@ -606,6 +606,8 @@ def test_critical_inhibits_the_warning_of_the_same_alert_and_queue(stack: Stack)
     # (The critical may first arrive alone; the group's next flush carries both.)
     wait_until(lambda: webhook_groups(worker) == {"": ["critical", "warning"]}, DELIVERY_TIMEOUT,
                "both worker alerts on the webhook")
+    # At least one flush after the warnings were posted: still no warning for bulk.
+    assert webhook_groups(backlog) == {"bulk": ["critical"], "default": ["warning"]}
 
 
 def test_amtool_silence_from_the_readme_mutes_delivery(stack: Stack) -> None:

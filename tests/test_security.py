@@ -350,7 +350,7 @@ def test_least_privilege_worker_runs_retries_and_dead_letters(users, kit_env, tm
         wait_for_run(
             lambda: subprocess.run([sys.executable, "-m", "celery", "-A", "service.app", "inspect", "ping",
                                     "--timeout", "5", "-d", node], env=env, cwd=REPO, capture_output=True,
-                                   text=True, timeout=60),
+                                   text=True, timeout=20),
             lambda ping: ping.returncode == 0 and "pong" in ping.stdout, 60, "the worker to answer a ping")
         assert worker.process.poll() is None
         log = worker.log()

@@ -58,8 +58,10 @@ def _port_offset(base_ports: list[int]) -> int:
     The stack's ports stay below 32768, out of the kernel's ephemeral range, so
     no outgoing connection of another test can take one before the stack binds it.
     """
+    span = 32768 - max(base_ports) - 10000
+    assert span > 1000, f"the stack's base ports {sorted(base_ports)} leave no room below 32768"
     for _ in range(200):
-        offset = 10000 + int.from_bytes(os.urandom(2), "big") % 12000
+        offset = 10000 + int.from_bytes(os.urandom(2), "big") % span
         if all(_free(p + offset) for p in base_ports):
             return offset
     raise AssertionError("no free port range for the stack")
@@ -144,7 +146,7 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
     # `status` probes each component once (a worker answers a ping under demo
     # load), so a slow answer on a loaded machine is asked again.
     status = wait_for_run(
-        lambda: running.cli("status"),
+        lambda: running.cli("status", timeout=30),
         lambda run: run.returncode == 0 and all(
             re.search(rf"^{name}\s+running, pid {pid}\s+healthy$", run.stdout, re.M) for name, pid in first.items()),
         60, "stack status to report every component healthy")

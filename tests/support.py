@@ -157,13 +157,18 @@ def sweep_stale_vhosts(max_age: float = STALE_VHOST_AGE, now: float | None = Non
     return stale
 
 
-def delete_vhost(name: str) -> None:
-    """Delete a vhost and everything in it; one that is gone already is fine."""
+def management_delete(path: str) -> None:
+    """DELETE a management API object; one that is gone already (404) is fine."""
     try:
-        management("DELETE", f"/api/vhosts/{urllib.request.quote(name, safe='')}")
+        management("DELETE", path)
     except urllib.error.HTTPError as exc:
         if exc.code != 404:
             raise
+
+
+def delete_vhost(name: str) -> None:
+    """Delete a vhost and everything in it; one that is gone already is fine."""
+    management_delete(f"/api/vhosts/{urllib.request.quote(name, safe='')}")
 
 
 class Vhost:

@@ -48,6 +48,7 @@ from tests.support import (
     Vhost,
     Worker,
     management,
+    management_delete,
     spawn,
     wait_for_run,
     wait_until,
@@ -100,10 +101,7 @@ def _delete_users(names: list[str]) -> None:
     """Delete users (teardown); rides out a management API that is briefly unavailable."""
     def delete(name: str) -> bool:
         try:
-            management("DELETE", f"/api/users/{quote(name, safe='')}")
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                raise
+            management_delete(f"/api/users/{quote(name, safe='')}")
         except urllib.error.URLError:
             return False
         return True

@@ -34,7 +34,9 @@ from tests.support import (
     AMQP_PORT,
     MANAGEMENT_URL,
     REPO,
+    delete_vhost,
     management,
+    management_delete,
     spawn,
     wait_for_run,
     wait_until,
@@ -118,10 +120,10 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield stack
     finally:
         stack.cli("down", timeout=600)
-        management("DELETE", f"/api/vhosts/{urllib.parse.quote(stack.vhost, safe='')}")
+        delete_vhost(stack.vhost)
         for user in management("GET", "/api/users"):
             if user["name"].startswith(stack.prefix):
-                management("DELETE", f"/api/users/{urllib.parse.quote(user['name'], safe='')}")
+                management_delete(f"/api/users/{urllib.parse.quote(user['name'], safe='')}")
 
 
 def test_up_down_and_everything_in_between(running: LocalStack) -> None:

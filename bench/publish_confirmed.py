@@ -88,7 +88,8 @@ def make_celery(url: str, queues_mod, sent_events: bool) -> Method:
         task_queues=[
             Queue(
                 bulk.name,
-                Exchange(bulk.exchange, type="direct", durable=True),
+                Exchange(bulk.exchange, type="direct", durable=True,
+                         arguments=dict(queues_mod.exchange(bulk.exchange).arguments)),
                 routing_key=bulk.binding_key,
                 queue_arguments=dict(bulk.arguments),
                 durable=True,

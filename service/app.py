@@ -10,17 +10,19 @@ in ``task_queues``, so no worker ever consumes them.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init
+from celery.signals import beat_init, celeryd_init, worker_init, worker_process_init
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
-from service import queues
-from service.broker import declare_topology_enabled
-from service.errors import BrokerUnavailable, TopologyConflict
-from service.settings import load
+from service import queues, startup
+from service.errors import InvalidTaskInput
+from service.settings import ConfigError, Settings, load, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +36,84 @@ TASK_MODULES = (
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:
-    """Celery router that applies ``queues.TASK_ROUTES`` (shared with the client).
+    """Celery router: the queue the caller named, else ``queues.TASK_ROUTES`` (shared with the client).
 
-    Names the task exchange too: otherwise Celery publishes through the default
-    exchange (amq.default), which the broker's publisher user may not write to.
+    An explicit ``queue=`` (``apply_async``, ``send_task``, ``@app.task(queue=...)``)
+    or ``routing_key=`` wins; one that is not a kit work queue raises
+    InvalidTaskInput before anything is sent (a routing key nothing is bound to
+    would be dropped by the broker). Names the task exchange too: otherwise Celery
+    publishes through the default exchange (amq.default), which the broker's
+    publisher user may not write to.
     """
-    queue = queues.queue_for_task(name)
+    queue = _queue_asked_for(options or {}) or queues.queue_for_task(name)
     return {"queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": queue}
+
+
+def _queue_asked_for(options: dict[str, Any]) -> str | None:
+    asked = options.get("queue")
+    queue = asked.name if isinstance(asked, KombuQueue) else asked
+    key = options.get("routing_key")
+    try:
+        if queue:
+            queues.work_queue(str(queue))
+        if key:
+            queues.work_queue(str(key))
+    except ValueError as exc:
+        raise InvalidTaskInput(f"{exc}: the kit's task exchange routes by work queue name") from None
+    if queue and key and key != queue:
+        raise InvalidTaskInput(f"queue={queue!r} and routing_key={key!r} disagree; name the work queue once")
+    return str(queue or key) if (queue or key) else None
+
+
+#: Celery's own environment variables for what the kit configures from KIT_* settings.
+CELERY_ENVIRONMENT = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL",
+                      "CELERY_RESULT_BACKEND")
+
+
+def _one_source_of_configuration(settings: Settings) -> None:
+    """Refuse Celery's own broker variables when they disagree with the kit's settings.
+
+    Celery lets CELERY_BROKER_URL override its configuration, so a tutorial's
+    compose file would move the workers to another broker while the client,
+    ``dlq`` and ``topology`` stay on KIT_BROKER_URL. A value equal to the kit's
+    broker is harmless; any other is a ConfigError naming both.
+    """
+    for name in CELERY_ENVIRONMENT:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        if name == "CELERY_RESULT_BACKEND":
+            raise ConfigError(
+                f"{name}={redact_url(value)!r} is set, but the kit's workers store no results "
+                "(task_ignore_result): unset it; failures are in the dead-letter queues")
+        if value not in (settings.broker_url, os.environ.get("KIT_BROKER_URL", "").strip()):
+            raise ConfigError(
+                f"{name}={redact_url(value)!r} disagrees with KIT_BROKER_URL={redact_url(settings.broker_url)!r}: "
+                "every part of the kit (workers, beat, client, dlq, topology) reads KIT_BROKER_URL and "
+                f"KIT_BROKER_PASSWORD_FILE; unset {name} or set KIT_BROKER_URL to the broker you mean")
+
+
+def kit_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The kit's own beat entries: the periodic clean-up of report exports."""
+    return {
+        "maintenance.cleanup_reports": {
+            "task": "maintenance.cleanup_reports",
+            "schedule": settings.cleanup_interval,
+            "options": {"priority": queues.PRIORITIES["low"]},
+        },
+    }
 
 
 def make_app() -> Celery:
     """Build the Celery app from the current environment."""
     settings = load()
+    _one_source_of_configuration(settings)
     # KIT_DECLARE_TOPOLOGY=false: the queues come from the broker's definitions and
     # the worker's user may not declare them (service.broker), so never try.
-    no_declare = not declare_topology_enabled()
-    task_exchange = Exchange(queues.TASK_EXCHANGE, type="direct", durable=True, no_declare=no_declare)
+    no_declare = not settings.declare_topology
+    tasks = queues.exchange(queues.TASK_EXCHANGE)
+    task_exchange = Exchange(tasks.name, type=tasks.type, durable=True, arguments=dict(tasks.arguments),
+                             no_declare=no_declare)
     app = Celery("service", task_cls="service.worker.task:ReliableTask")
     app.conf.update(
         broker_url=settings.broker_url,
@@ -103,19 +167,72 @@ def make_app() -> Celery:
         worker_log_color=False,
         imports=TASK_MODULES + settings.task_modules,
         enable_utc=True,
+        timezone=settings.timezone,
         beat_schedule_filename=str(settings.state_dir / "celerybeat-schedule"),
-        beat_schedule={
-            "maintenance.cleanup_reports": {
-                "task": "maintenance.cleanup_reports",
-                "schedule": settings.cleanup_interval,
-                "options": {"priority": queues.PRIORITIES["low"]},
-            },
-        },
+        beat_schedule=kit_beat_schedule(settings),
     )
     return app
 
 
-app = make_app()
+def _run_by_celery_command() -> bool:
+    """Whether this process is the ``celery`` command (``celery -A service.app ...``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec is not None and spec.name == "celery.__main__") or Path(sys.argv[0]).name == "celery"
+
+
+def _make_app_or_exit() -> Celery:
+    try:
+        return make_app()
+    except ConfigError as exc:
+        if not _run_by_celery_command():
+            raise
+        startup.exit_with(exc)  # one line instead of Celery's "Unable to load celery application" traceback
+
+
+app = _make_app_or_exit()
+
+
+def add_beat_entry(name: str, task: str, schedule: Any, *, args: tuple[Any, ...] = (),
+                   kwargs: dict[str, Any] | None = None, **options: Any) -> None:
+    """Add a periodic task to beat's schedule, beside the kit's own entries.
+
+    Call it from a module in KIT_TASK_MODULES; ``schedule`` is seconds, a
+    ``timedelta`` or a ``celery.schedules.crontab`` (in KIT_TIMEZONE).
+    ``options`` are ``apply_async`` options (``queue``, ``priority``, ...).
+    Raises ValueError for a name the kit uses. ``app.conf.beat_schedule.update()``
+    works too; assigning a new dict to ``app.conf.beat_schedule`` drops the kit's
+    entries (beat then logs a warning naming them).
+    """
+    if name in kit_beat_schedule(load()):
+        raise ValueError(f"beat entry {name!r} is the kit's own; choose another name")
+    app.conf.beat_schedule[name] = {"task": task, "schedule": schedule, "args": tuple(args),
+                                    "kwargs": dict(kwargs or {}), "options": options}
+
+
+@celeryd_init.connect  # worker only, before Celery prints anything or connects
+def _check_worker_start(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """Queues known, broker lets us in, topology declared (or present): else one line and exit 2.
+
+    Declares the whole topology before consuming, so dead letters have somewhere to go.
+    """
+    startup.run_or_exit(lambda: startup.check_worker((options or {}).get("queues")))
+
+
+@beat_init.connect  # connected first: runs before the other beat_init receivers
+def _check_beat_start(**_: Any) -> None:
+    """The broker lets beat's user in: else one line and exit 2 (not silence until the first schedule)."""
+    startup.run_or_exit(startup.check_beat)
+
+
+@beat_init.connect
+def _warn_about_dropped_beat_entries(**_: Any) -> None:
+    """A user module that replaced ``beat_schedule`` wholesale dropped the kit's entries: say which."""
+    dropped = sorted(set(kit_beat_schedule(load())) - set(app.conf.beat_schedule or {}))
+    if dropped:
+        logger.warning(
+            "app.conf.beat_schedule was replaced, which dropped the kit's beat entries %s: they will not run. "
+            "Add entries with service.app.add_beat_entry(...) or app.conf.beat_schedule.update(...) instead.",
+            ", ".join(dropped))
 
 
 @worker_init.connect  # in the main process, before the pool forks (see service.monitoring.sentry)
@@ -139,27 +256,6 @@ def _serve_metrics(**_: Any) -> None:
     from service.monitoring.metrics import serve
 
     serve(load().metrics_port)
-
-
-@worker_init.connect
-def _declare_topology(**_: Any) -> None:
-    """Declare the whole topology before consuming, so dead letters have somewhere to go."""
-    from service.topology import connect, declare
-
-    if not declare_topology_enabled():
-        return  # least privilege: the topology comes from the broker's definitions
-    try:
-        conn = connect(load())
-    except BrokerUnavailable as exc:
-        logger.warning("topology not declared at start (%s); it will be on first dead letter", exc)
-        return
-    try:
-        declare(conn)
-    except TopologyConflict as exc:
-        logger.critical("%s", exc)
-        raise SystemExit(2) from None
-    finally:
-        conn.release()
 
 
 @beat_init.connect

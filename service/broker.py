@@ -37,6 +37,7 @@ from typing import Any
 from service import queues
 from service.errors import BrokerUnavailable, KitError
 from service.settings import ConfigError
+from service.topology import exchange_fix
 
 ROLES: tuple[str, ...] = ("admin", "publisher", "worker", "monitor")
 DEFAULT_USER_PREFIX = "kit-"
@@ -81,6 +82,11 @@ _CELERY_OWN = (_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX, _PIDBOX_REPLY, _PIDBOX_Q
 #: needs write on the exchange; consume, get and purge need read on the queue;
 #: bind needs write on the queue and read on the exchange. A passive declare
 #: needs none of them.
+#: A message TASK_EXCHANGE cannot route goes on to its alternate exchange
+#: (UNROUTABLE_EXCHANGE) without any check of the publisher's rights there
+#: (RabbitMQ 3.10.8, tests/test_security.py): write on TASK_EXCHANGE is all it
+#: takes, so no role but the admin gets a right on UNROUTABLE_EXCHANGE or
+#: UNROUTABLE_QUEUE (the admin's dlq tools read the queue and import into the exchange).
 PERMISSIONS: dict[str, dict[str, str]] = {
     "admin": {"configure": ".*", "write": ".*", "read": ".*"},
     "publisher": {
@@ -92,6 +98,7 @@ PERMISSIONS: dict[str, dict[str, str]] = {
     "worker": {
         # Nothing of the kit's: only Celery's events and remote control (pidbox).
         "configure": _any_of(*_CELERY_OWN),
+        # Retries and dead letters; never TASK_EXCHANGE (a worker enqueues no new work).
         "write": _any_of(_name(queues.RETRY_EXCHANGE), _name(queues.DEAD_LETTER_EXCHANGE), *_CELERY_OWN),
         "read": _any_of(*(_name(n) for n in queues.WORK_QUEUE_NAMES), *_CELERY_OWN),
     },
@@ -133,9 +140,9 @@ def check_password(password: str, hashed: str) -> bool:
 
 def _topology(vhost: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     exchanges = [
-        {"name": name, "vhost": vhost, "type": kind, "durable": True, "auto_delete": False,
-         "internal": False, "arguments": {}}
-        for name, kind in {**queues.EXCHANGES, queues.EVENT_EXCHANGE: queues.EVENT_EXCHANGE_TYPE}.items()
+        {"name": x.name, "vhost": vhost, "type": x.type, "durable": True, "auto_delete": False,
+         "internal": False, "arguments": dict(x.arguments)}
+        for x in (*queues.EXCHANGE_DEFINITIONS, queues.Exchange(queues.EVENT_EXCHANGE, queues.EVENT_EXCHANGE_TYPE))
     ]
     declared = [
         {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(q.arguments)}
@@ -290,6 +297,9 @@ def drift(defs: dict[str, Any], live_queues: list[dict[str, Any]], live_exchange
         elif (live.get("type"), live.get("durable")) != (wanted["type"], wanted["durable"]):
             problems.append(f"exchange {wanted['name']!r} is {live.get('type')} (durable={live.get('durable')}), "
                             f"the kit wants {wanted['type']}")
+        elif (live.get("arguments") or {}) != wanted.get("arguments", {}):
+            problems.append(f"exchange {wanted['name']!r} has arguments {live.get('arguments') or {}}, "
+                            f"the kit wants {wanted.get('arguments', {})}")
     return problems
 
 
@@ -313,16 +323,22 @@ def provision(defs: dict[str, Any], management_url: str, admin_user: str, admin_
                         timeout=timeout),
         )
         if problems:
+            fixes = []
+            if any(p.startswith("queue ") for p in problems):
+                fixes.append("For a queue: stop its consumers, move or drain its messages, delete it "
+                             f"(rabbitmqctl delete_queue NAME -p {vhost}), then provision again.")
+            replaced = [p for p in problems if p.startswith("exchange ") and not p.endswith("is missing")]
+            for name in dict.fromkeys(p.split("'")[1] for p in replaced):
+                fixes.append(f"For exchange {name!r}: {exchange_fix(name, vhost)}.")
             raise ProvisioningError(
                 f"users and permissions are in place, but vhost {vhost!r} holds an older topology that "
-                f"RabbitMQ kept: {'; '.join(problems)}. Stop their consumers, move or drain their messages, "
-                f"delete them (rabbitmqctl delete_queue NAME -p {vhost}), then provision again."
+                f"RabbitMQ kept: {'; '.join(problems)}. {' '.join(fixes)}"
             )
 
 
 def declare_topology_enabled() -> bool:
     """KIT_DECLARE_TOPOLOGY: whether workers declare the topology themselves (needs configure rights)."""
-    from service.settings import _flag
+    from service.settings import load
 
-    return _flag("KIT_DECLARE_TOPOLOGY")
+    return load().declare_topology
 

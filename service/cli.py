@@ -23,15 +23,52 @@ from service.settings import ConfigError, load
 
 EXIT_DRIFT = 1
 
+#: Top-level commands that run without valid settings (`config` validates them itself).
+NEEDS_NO_SETTINGS = frozenset({"config"})
+_CHECK_SETTINGS = "kit.check_settings"
 
 
+def _needs_settings(group: click.Group, ctx: click.Context, args: list[str]) -> bool:
+    """Whether the command line ``args`` (after the group's name) runs a command that uses the settings.
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+    It does not when it asks for help (-h/--help before any ``--``), names a group
+    without its subcommand (click prints the group's help), names an unknown
+    command (click reports it), or runs a command of NEEDS_NO_SETTINGS.
+    """
+    words = args[: args.index("--")] if "--" in args else args
+    if any(word in ctx.help_option_names for word in words):
+        return False
+    command: click.Command | None = group
+    for word in args:
+        if not isinstance(command, click.Group):
+            break
+        if command is group and word in NEEDS_NO_SETTINGS:
+            return False
+        command = command.get_command(ctx, word)
+        if command is None:
+            return False
+    return not isinstance(command, click.Group)
+
+
+class _KitGroup(click.Group):
+    """The top-level group: notes whether the command it is about to run needs the settings."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse as click does, after noting (in ``ctx.meta``) whether to validate the settings."""
+        ctx.meta[_CHECK_SETTINGS] = _needs_settings(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_KitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Celery on RabbitMQ kit: topology, publishing, workers and beat.
 
-    Configuration comes from KIT_* environment variables (see README.md).
+    Configuration comes from KIT_* environment variables (see README.md); every
+    command checks them before it connects anywhere.
     """
+    if ctx.meta.get(_CHECK_SETTINGS, True):
+        friendly_errors(load)()  # a bad value: one `error: KIT_X=...` line, exit status 2
 
 
 def _register_subcommands() -> None:
@@ -40,26 +77,34 @@ def _register_subcommands() -> None:
     main.add_command(dlq)
 
 
+def markdown_table() -> str:
+    """The README's configuration table: every setting, its default, what it accepts and does."""
+    from service.settings import SETTINGS
+
+    lines = ["| Variable | Default | Accepted | What it does |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = f"`{s.default}`" if s.default else "(empty)"
+        lines.append(f"| `{s.name}` | {default} | {s.accepted()} | {s.description} |")
+    return "\n".join(lines)
+
+
 @main.command()
-@click.option("--markdown", is_flag=True, help="Print the table of variables and defaults (as in README.md).")
+@click.option("--markdown", is_flag=True,
+              help="Print the table of variables, defaults and accepted values (as in README.md).")
 @friendly_errors
 def config(markdown: bool) -> None:
     """Show the effective configuration (passwords hidden), or the documented defaults."""
-    from service.settings import SETTINGS, redact_url
+    from service.settings import SETTINGS, redact_dsn, redact_url
 
     if markdown:
-        click.echo("| Variable | Default | What it does |")
-        click.echo("|---|---|---|")
-        for s in SETTINGS:
-            default = f"`{s.default}`" if s.default else "(empty)"
-            click.echo(f"| `{s.name}` | {default} | {s.description} |")
+        click.echo(markdown_table())
         return
     load()  # validates every value
     for s in SETTINGS:
         value = os.environ.get(s.name, s.default)
         shown = redact_url(value) if s.name == "KIT_BROKER_URL" else value
-        if s.name == "SENTRY_DSN" and "@" in value:
-            shown = value.split("://", 1)[0] + "://***@" + value.rsplit("@", 1)[1]
+        if s.name == "SENTRY_DSN":
+            shown = redact_dsn(value)
         click.echo(f"{s.name}={shown}{'' if s.name in os.environ else '   (default)'}")
 
 
@@ -146,13 +191,10 @@ def publish(name: str, args_json: str | None, kwargs_json: str | None, priority:
 
 
 def _queue_list(value: str | None) -> list[str]:
-    names = [q.strip() for q in (value or ",".join(queues.WORK_QUEUE_NAMES)).split(",") if q.strip()]
-    for name in names:
-        try:
-            queues.work_queue(name)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return names
+    """The work queues of --queues; an unknown one is one ``error:`` line (StartupError), not a usage block."""
+    from service.startup import work_queues
+
+    return work_queues((value or "").split(","))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -192,7 +234,11 @@ def worker(queue_names: str | None, concurrency: int | None, node_name: str | No
 @friendly_errors
 def beat(celery_args: tuple[str, ...]) -> None:
     """Run Celery beat (exactly one per deployment); its schedule file lives in KIT_STATE_DIR."""
+    from service.startup import check_beat
+
     settings = load()
+    # Before Celery prints its banner: a broker that refuses beat is then one line (beat checks again).
+    check_beat(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "celery", "-A", "service.app", "beat", "-l", settings.log_level, *celery_args]
     os.execv(sys.executable, argv)
@@ -403,7 +449,10 @@ def stack_status() -> None:
         waiting = sum(channel.queue_declare(q.name, passive=True)[1] for q in queues.WAIT_QUEUES)
         click.echo(f"waiting for retry      {waiting}")
     except Exception as exc:  # noqa: BLE001 - any failure means the broker is not usable
-        click.echo(f"{'rabbitmq':22} UNREACHABLE as {current.user('admin')} in vhost {current.vhost}: {exc}")
+        from service.connection import refusal
+
+        detail = refusal(exc, url) or exc  # a refused login or missing vhost says what to do
+        click.echo(f"{'rabbitmq':22} UNREACHABLE as {current.user('admin')} in vhost {current.vhost}: {detail}")
         unhealthy += 1
     finally:
         conn.release()

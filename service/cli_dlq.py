@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from service import deadletters as dl
+from service import queues
 from service.cli_errors import friendly_errors
 from service.dlq_archive import read_archive
 from service.dlq_filters import Filters, parse_moment
@@ -43,13 +44,14 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The filters every selecting command takes."""
     options = [
         click.option("--queue", "-q", "queue_names", multiple=True, metavar="QUEUE",
-                     help="Work or dead-letter queue (default, default.dead); repeatable. Default: all."),
+                     help="Work or dead-letter queue (default, default.dead), or unroutable (unroutable.dead); "
+                          "repeatable. Default: all."),
         click.option("--task", "tasks", multiple=True, metavar="PATTERN",
                      help="Task name or pattern (emails.*); repeatable."),
         click.option("--exception", "exceptions", multiple=True, metavar="PATTERN",
                      help="Exception class, short or qualified, or pattern (*Timeout*); repeatable."),
         click.option("--reason", "reasons", multiple=True, metavar="REASON",
-                     help="kit-reason (retries-exhausted, permanent-error, ...); repeatable."),
+                     help="kit-reason (retries-exhausted, permanent-error, ..., unroutable); repeatable."),
         click.option("--id", "ids", multiple=True, metavar="ID", help="Task id; repeatable."),
         click.option("--since", callback=_moment, metavar="TIME",
                      help="Dead-lettered at or after: ISO 8601 (UTC if no zone) or an age (30m, 2h, 7d)."),
@@ -96,7 +98,10 @@ def dlq() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly_errors
 def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
-    """Per dead-letter queue: count, oldest, newest, and counts by task, exception and reason."""
+    """Per dead-letter queue: count, oldest, newest, and counts by task, exception and reason.
+
+    unroutable.dead (tasks no work queue was bound for) also by routing key.
+    """
     names = dl.resolve_queues(queue_names)
     with _connection(load()) as conn:
         results = [dl.stats(conn, name) for name in names]
@@ -106,8 +111,9 @@ def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
     for result in results:
         out.print(f"[bold]{result['queue']}[/bold]: {result['count']} dead letter(s)"
                   + (f", oldest {result['oldest']}, newest {result['newest']}" if result["count"] else ""))
-        for title, key in (("task", "by_task"), ("exception", "by_exception"), ("reason", "by_reason")):
-            if result[key]:
+        for title, key in (("task", "by_task"), ("exception", "by_exception"), ("reason", "by_reason"),
+                           ("routing key", "by_routing_key")):
+            if result.get(key):
                 out.print(f"  by {title}: " + ", ".join(f"{k} {v}" for k, v in result[key].items()))
 
 
@@ -116,7 +122,7 @@ def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly_errors
 def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwargs: Any) -> None:
-    """List dead letters (id, task, exception, attempts, source queue, when it died). Changes nothing."""
+    """List dead letters (id, task, exception, attempts, source queue, routing key, when it died). Changes nothing."""
     filters = _filters(kwargs)
     rows: list[dict[str, Any]] = []
     names = dl.resolve_queues(queue_names)
@@ -129,7 +135,7 @@ def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwar
         _json(rows)
         return
     columns = ("queue", "position", "id", "task", "reason", "exception", "attempts", "replays", "source_queue",
-               "died_at")
+               "routing_key", "died_at")
     if out.is_terminal:
         table = Table(*columns)
         for row in rows:
@@ -157,8 +163,9 @@ def show(letter_id: str, queue_names: tuple[str, ...], hide_args: bool, as_json:
     if as_json:
         _json(info)
         return
-    for key in ("id", "task", "queue", "position", "reason", "exception", "message", "attempts", "replays",
-                "source_queue", "first_failure_at", "last_failure_at", "died_at", "body_bytes"):
+    for key in ("id", "task", "queue", "position", "reason", "retry_rule", "exception", "message", "attempts",
+                "replays", "source_queue", "routing_key", "exchange", "first_failure_at", "last_failure_at", "died_at",
+                "body_bytes"):
         out.print(f"[bold]{key:16}[/bold] {escape(str(info.get(key)))}")
     if not hide_args:
         out.print(f"[bold]{'args':16}[/bold] {escape(json.dumps(info['args']))}")
@@ -222,13 +229,17 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
     """Put matching dead letters back on their source queue, with a fresh retry budget.
 
     Each is republished and confirmed before it leaves the dead-letter queue;
-    killing this command at any moment loses nothing.
+    killing this command at any moment loses nothing. An unroutable task goes
+    back to the work queue its routing key names; when that is no work queue it
+    is refused: replay it with --to QUEUE.
     """
     filters = _filters(kwargs)
     settings = load()
     budget = settings.max_replays if max_replays is None else max_replays
     totals = {"taken": 0, "skipped": 0, "refused": 0, "failed": 0}
     listed: list[dict[str, Any]] = []
+    over_budget = 0
+    homeless: list[dl.DeadLetter] = []
     with _connection(settings) as conn:
         for name in dl.resolve_queues(queue_names):
             remaining = None if limit is None else limit - totals["taken"] - totals["refused"]
@@ -244,8 +255,13 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
             for letter in outcome.taken:
                 listed.append(dict(letter.summary(), queue=name, to=to_queue or letter.source_queue,
                                    action="would replay" if dry_run else "replayed"))
+            over_budget += len(outcome.refused)
+            homeless += outcome.homeless
             for letter in outcome.refused:
                 listed.append(dict(letter.summary(), queue=name, to=None, action="refused"))
+            for letter in outcome.homeless:
+                listed.append(dict(letter.summary(), queue=name, to=None, action="refused",
+                                   why="no work queue for its routing key; use --to QUEUE"))
             for letter, why in outcome.failed:
                 listed.append(dict(letter.summary(), queue=name, to=None, action=f"failed: {why}"))
     verbs = {"taken": "would replay" if dry_run else "replayed"}
@@ -254,12 +270,18 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
     else:
         if dry_run or totals["refused"] or totals["failed"]:
             for row in listed:
-                click.echo(f"{row['action']:13} {row['queue']:14} {row['id']}  {row['task']}  "
+                click.echo(f"{row['action']:13} {row['queue']:15} {row['id']}  {row['task']}  "
                            f"{row['exception']}  replays={row['replays']}"
-                           + (f"  -> {row['to']}" if row["to"] else ""))
+                           + (f"  -> {row['to']}" if row["to"] else "")
+                           + (f"  routing key {row['routing_key']!r}: {row['why']}" if row.get("why") else ""))
         click.echo(_summary(totals, verbs) + (" (dry run: nothing changed)" if dry_run else ""))
-        if totals["refused"]:
+        if over_budget:
             click.echo(f"refused: replayed {budget} time(s) already; fix the cause, then use --force", err=True)
+        if homeless:
+            keys = ", ".join(repr(k) for k in dict.fromkeys(letter.routing_key for letter in homeless))
+            click.echo(f"refused: {len(homeless)} unroutable task(s) have no work queue to go back to (routing "
+                       f"key {keys} is none of {', '.join(queues.WORK_QUEUE_NAMES)}); replay them with "
+                       "--to QUEUE, e.g. `dlq replay --queue unroutable --to default`", err=True)
     if totals["failed"]:
         sys.exit(EXIT_PARTIAL)
 

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from reprlib import Repr
 from typing import Any
 
@@ -55,11 +56,19 @@ class TaskRequest:
     extra_headers: dict[str, Any] = field(default_factory=dict)
 
 
-def build_message(request: TaskRequest, max_payload_bytes: int) -> tuple[str, Outgoing]:
+#: The longest countdown the client accepts (about 10 years): beyond it, the due
+#: time is more likely a unit mistake (milliseconds) than a plan.
+MAX_COUNTDOWN_S = 10 * 366 * 86400
+
+
+def build_message(
+    request: TaskRequest, max_payload_bytes: int, longest_wait_s: int = queues.WAIT_TIERS_S[-1]
+) -> tuple[str, Outgoing]:
     """Validate a TaskRequest and turn it into a Celery protocol-2 message.
 
     Returns (task id, message). Raises InvalidTaskInput, saying what was wrong,
-    before anything is sent.
+    before anything is sent. A countdown waits in the broker's wait queues, in
+    trips of at most ``longest_wait_s`` (KIT_LONGEST_WAIT).
     """
     name = request.name
     if not isinstance(name, str) or not name.strip():
@@ -128,17 +137,20 @@ def build_message(request: TaskRequest, max_payload_bytes: int) -> tuple[str, Ou
     exchange = queues.TASK_EXCHANGE
     countdown = request.countdown
     if countdown is not None:
-        if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or countdown < 0:
-            raise InvalidTaskInput(f"countdown must be a number of seconds >= 0, got {countdown!r}")
+        if (isinstance(countdown, bool) or not isinstance(countdown, (int, float))
+                or not 0 <= countdown <= MAX_COUNTDOWN_S):
+            raise InvalidTaskInput(
+                f"countdown must be a number of seconds from 0 to {MAX_COUNTDOWN_S}, got {countdown!r}")
         if countdown > 0:
-            try:
-                tier = queues.wait_tier_for(countdown)
-            except ValueError as exc:
-                raise InvalidTaskInput(str(exc)) from None
-            # Held by the broker in a wait queue, not as an ETA in a worker's memory.
+            # Held by the broker in a wait queue, not as an ETA in a worker's memory. A
+            # countdown longer than one wait carries its due time: the worker sends the
+            # message to wait again until it is due.
+            tier, step = queues.wait_step(countdown, longest_wait_s)
             exchange = queues.RETRY_EXCHANGE
             headers[queues.WAIT_HEADER] = queues.wait_tier_name(tier)
-            properties["expiration"] = str(int(countdown * 1000))
+            properties["expiration"] = str(max(1, int(step * 1000)))
+            if countdown > step:
+                headers["eta"] = (datetime.now(UTC) + timedelta(seconds=countdown)).isoformat()
     return task_id, Outgoing(exchange, queue, payload, headers, properties)
 
 
@@ -195,7 +207,7 @@ class Publisher:
         Raises InvalidTaskInput (nothing sent), BrokerUnavailable or PublishError.
         """
         request = TaskRequest(name, args, kwargs, priority, queue, countdown, task_id)
-        task_id, message = build_message(request, self._settings.max_payload_bytes)
+        task_id, message = build_message(request, self._settings.max_payload_bytes, self._settings.longest_wait)
         self._channel.publish(message)
         if self._settings.send_sent_events:
             self._channel.publish_events([sent_event(task_id, message)])
@@ -207,7 +219,7 @@ class Publisher:
         Every request is validated before the first is sent, so bad input sends
         nothing. A broken connection re-sends the unconfirmed window.
         """
-        built = [build_message(r, self._settings.max_payload_bytes) for r in requests]
+        built = [build_message(r, self._settings.max_payload_bytes, self._settings.longest_wait) for r in requests]
         self._channel.publish_many((m for _, m in built), window=window)
         if self._settings.send_sent_events:
             self._channel.publish_events([sent_event(task_id, m) for task_id, m in built])

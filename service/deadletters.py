@@ -18,6 +18,13 @@ was already republished is replayed again.
 Two replays or purges of one queue cannot run at once: each holds an
 exclusive "lock" queue on its connection (released by the broker when the
 connection goes, also on kill -9); a second one is refused with a message.
+
+``unroutable.dead`` (queues.UNROUTABLE_QUEUE) is handled like the dead-letter
+queues. Its messages were published to the task exchange with a routing key no
+work queue is bound to; they carry no kit-* headers, so their reason
+(``unroutable``) and explanation come from the queue and the routing key they
+were delivered with. A replay puts one back on the work queue its routing key
+names, if that is one; the others need ``to=``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import amqp
@@ -43,12 +50,8 @@ from service.errors import DeadLetterError, KitError
 from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings
 
-#: The kit's own replay counter (not an x- header: RabbitMQ 3.13+ owns those).
-REPLAYS_HEADER = "kit-replays"
-#: ISO 8601 UTC time of the latest replay.
-REPLAYED_AT_HEADER = "kit-replayed-at"
 #: Headers a replay removes, so the task starts over with a fresh retry budget.
-_RESET_ON_REPLAY = (h.WORKER_LOST, queues.WAIT_HEADER, "x-death", "x-first-death-exchange",
+_RESET_ON_REPLAY = (h.WORKER_LOST, h.WAITS, h.RETRY_RULE, queues.WAIT_HEADER, "x-death", "x-first-death-exchange",
                     "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange",
                     "x-last-death-queue", "x-last-death-reason")
 #: Purges and imports confirm (or sync) this many messages at a time.
@@ -56,6 +59,8 @@ BATCH = 200
 #: A replay republishes and confirms one message before acking it, so killing
 #: it duplicates at most one message. ``batch`` trades that for speed.
 REPLAY_BATCH = 1
+#: The reason of every message in queues.UNROUTABLE_QUEUE (none carries a kit-reason header).
+REASON_UNROUTABLE = "unroutable"
 
 
 class QueueBusy(DeadLetterError):
@@ -75,6 +80,15 @@ class DeadLetter:
     headers: dict[str, Any]
     properties: dict[str, Any]
     delivery_tag: int = 0
+    #: The routing key and exchange it was delivered with: for a dead letter its work
+    #: queue and tasks.dead, for an unroutable message the key it was published with.
+    routing_key: str = ""
+    exchange: str = ""
+
+    @property
+    def unroutable(self) -> bool:
+        """True for a message of queues.UNROUTABLE_QUEUE."""
+        return self.queue == queues.UNROUTABLE_QUEUE
 
     @property
     def id(self) -> str:
@@ -91,7 +105,13 @@ class DeadLetter:
 
     @property
     def reason(self) -> str:
-        """The kit's reason, or RabbitMQ's own (x-death) for broker dead-lettering."""
+        """The kit's reason, or RabbitMQ's own (x-death) for broker dead-lettering.
+
+        ``unroutable`` for every message of queues.UNROUTABLE_QUEUE: that is why
+        it is there, whatever headers it carries from an earlier life.
+        """
+        if self.unroutable:
+            return REASON_UNROUTABLE
         if self.headers.get(h.REASON):
             return str(self.headers[h.REASON])
         death = self._last_death()
@@ -103,20 +123,36 @@ class DeadLetter:
 
     @property
     def exception_message(self) -> str:
+        if self.unroutable:
+            return (f"no work queue is bound to routing key {self.routing_key!r} on exchange "
+                    f"{self.published_to!r}; the work queues are {', '.join(queues.WORK_QUEUE_NAMES)}")
         return str(self.headers.get(h.EXCEPTION_MESSAGE) or "")
+
+    @property
+    def published_to(self) -> str:
+        """The exchange it was published to: for an unroutable message, the one whose
+        alternate exchange parked it (an imported one is delivered by that alternate exchange)."""
+        if self.unroutable and self.exchange in ("", queues.UNROUTABLE_EXCHANGE):
+            return queues.TASK_EXCHANGE
+        return self.exchange
 
     @property
     def attempts(self) -> int:
         value = self.headers.get(h.ATTEMPTS)
-        return int(value) if value is not None else int(self.headers.get("retries") or 0) + 1
+        if value is not None and h.count(value):
+            return h.count(value)
+        return h.count(self.headers.get("retries")) + 1
 
     @property
     def replays(self) -> int:
-        return int(self.headers.get(REPLAYS_HEADER) or 0)
+        return h.count(self.headers.get(h.REPLAYS))
 
     @property
     def source_queue(self) -> str:
-        """The work queue to put it back on."""
+        """The work queue to put it back on; "" for an unroutable message whose routing key
+        names no work queue (it has none: a replay needs ``to``)."""
+        if self.unroutable:
+            return self.routing_key if self.routing_key in queues.WORK_QUEUE_NAMES else ""
         source = self.headers.get(h.SOURCE_QUEUE)
         if source in queues.WORK_QUEUE_NAMES:
             return str(source)
@@ -137,6 +173,22 @@ class DeadLetter:
         death = self._last_death()
         if death and isinstance(death.get("time"), datetime):
             return as_utc(death["time"])
+        if self.unroutable:
+            return self._published_at()
+        return None
+
+    def _published_at(self) -> datetime | None:
+        """When it was published, if the publisher said (AMQP timestamp, the kit client's kit-enqueued-at):
+        for an unroutable message that is when it was parked."""
+        stamp = self.properties.get("timestamp")
+        if isinstance(stamp, datetime):
+            return as_utc(stamp)
+        for value in (stamp, self.headers.get(h.ENQUEUED_AT)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                try:
+                    return datetime.fromtimestamp(float(value), UTC)
+                except (OverflowError, OSError, ValueError):
+                    continue
         return None
 
     def _last_death(self) -> dict[str, Any] | None:
@@ -146,18 +198,21 @@ class DeadLetter:
         return None
 
     def summary(self) -> dict[str, Any]:
-        """The fields ``dlq list`` shows."""
+        """The fields ``dlq list`` shows (``retry_rule``: the ``kit-retry-rule`` header)."""
         died = self.died_at
         return {
             "position": self.position,
             "id": self.id,
             "task": self.task,
             "reason": self.reason,
+            # The retry rule that decided (service.retry_policy), for tasks that ran; None otherwise.
+            "retry_rule": str(self.headers[h.RETRY_RULE]) if self.headers.get(h.RETRY_RULE) else None,
             "exception": self.exception_type,
             "message": self.exception_message,
             "attempts": self.attempts,
             "replays": self.replays,
-            "source_queue": self.source_queue,
+            "source_queue": self.source_queue or None,
+            "routing_key": self.routing_key,
             "died_at": died.isoformat(timespec="seconds") if died else None,
         }
 
@@ -166,6 +221,7 @@ class DeadLetter:
         info = self.summary()
         info.update(
             queue=self.queue,
+            exchange=self.exchange,
             traceback=str(self.headers.get(h.TRACEBACK) or ""),
             first_failure_at=self.headers.get(h.FIRST_FAILURE_AT),
             last_failure_at=self.headers.get(h.LAST_FAILURE_AT),
@@ -200,19 +256,25 @@ def work_queue_of(name: str) -> str:
     raise DeadLetterError(f"{name!r} is not a dead-letter queue")
 
 
+#: What ``--queue`` accepts besides the queue names: ``default`` for ``default.dead``,
+#: ``unroutable`` for ``unroutable.dead``.
+_SHORT_NAMES = {name.removesuffix(".dead"): name for name in queues.DEAD_LETTER_QUEUE_NAMES}
+
+
 def resolve_queues(names: Iterable[str] | None) -> list[str]:
-    """Dead-letter queue names from user input: ``default`` or ``default.dead``; all when empty."""
+    """Dead-letter queue names from user input: ``default`` or ``default.dead``,
+    ``unroutable`` or ``unroutable.dead``; all when empty."""
     dead = list(queues.DEAD_LETTER_QUEUE_NAMES)
     chosen: list[str] = []
     for name in names or ():
         if name in dead:
             chosen.append(name)
-        elif name in queues.WORK_QUEUE_NAMES:
-            chosen.append(queues.dead_letter_queue_name(name))
+        elif name in _SHORT_NAMES:
+            chosen.append(_SHORT_NAMES[name])
         else:
             raise DeadLetterError(
-                f"unknown queue {name!r}; use a work queue ({', '.join(queues.WORK_QUEUE_NAMES)}) "
-                f"or a dead-letter queue ({', '.join(dead)})"
+                f"unknown queue {name!r}; use a work queue ({', '.join(queues.WORK_QUEUE_NAMES)}), "
+                f"unroutable, or a dead-letter queue ({', '.join(dead)})"
             )
     return list(dict.fromkeys(chosen)) or dead  # each queue once, in the order given
 
@@ -259,6 +321,8 @@ class _Walk:
                     headers=dict(message.properties.get("application_headers") or {}),
                     properties={k: v for k, v in message.properties.items() if k != "application_headers"},
                     delivery_tag=message.delivery_info["delivery_tag"],
+                    routing_key=str(message.delivery_info.get("routing_key") or ""),
+                    exchange=str(message.delivery_info.get("exchange") or ""),
                 )
         finally:
             self.channel.basic_cancel(tag)
@@ -296,10 +360,11 @@ def find(conn: Connection, queue_names: Iterable[str], letter_id: str) -> DeadLe
 
 
 def stats(conn: Connection, queue: str) -> dict[str, Any]:
-    """Count, oldest, newest and counts by task, exception and reason of one queue."""
+    """Count, oldest, newest and counts by task, exception and reason of one queue
+    (of queues.UNROUTABLE_QUEUE also by routing key)."""
     letters = browse(conn, queue)
     died = [d for d in (letter.died_at for letter in letters) if d]
-    return {
+    result = {
         "queue": queue,
         "count": len(letters),
         "oldest": min(died).isoformat(timespec="seconds") if died else None,
@@ -308,6 +373,9 @@ def stats(conn: Connection, queue: str) -> dict[str, Any]:
         "by_exception": dict(Counter(letter.exception_type or "(none)" for letter in letters).most_common()),
         "by_reason": dict(Counter(letter.reason for letter in letters).most_common()),
     }
+    if queue == queues.UNROUTABLE_QUEUE:
+        result["by_routing_key"] = dict(Counter(letter.routing_key for letter in letters).most_common())
+    return result
 
 
 # -- locking ---------------------------------------------------------------------------
@@ -367,17 +435,23 @@ def _unlock(channel: amqp.Channel, queue: str) -> None:
 
 @dataclass
 class Outcome:
-    """What an operation did, message by message."""
+    """What an operation did, message by message.
+
+    ``refused`` are over their replay budget; ``homeless`` are unroutable
+    messages a replay without ``to`` has no work queue for. Both stay where they
+    were and count as refused.
+    """
 
     taken: list[DeadLetter] = field(default_factory=list)
     skipped: int = 0
     refused: list[DeadLetter] = field(default_factory=list)
     failed: list[tuple[DeadLetter, str]] = field(default_factory=list)
     matched: int = 0
+    homeless: list[DeadLetter] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"taken": len(self.taken), "skipped": self.skipped, "refused": len(self.refused),
-                "failed": len(self.failed)}
+        return {"taken": len(self.taken), "skipped": self.skipped,
+                "refused": len(self.refused) + len(self.homeless), "failed": len(self.failed)}
 
 
 def replayed_message(letter: DeadLetter, target: str) -> Outgoing:
@@ -385,11 +459,35 @@ def replayed_message(letter: DeadLetter, target: str) -> Outgoing:
     budget, the replay counter incremented."""
     headers = {k: v for k, v in letter.headers.items() if k not in _RESET_ON_REPLAY}
     headers["retries"] = 0
+    # A replayed task runs now: whatever its original ETA or expiry, the operator asked for it.
     headers["eta"] = None
-    headers[REPLAYS_HEADER] = letter.replays + 1
-    headers[REPLAYED_AT_HEADER] = h.utc_now_iso()
+    headers["expires"] = None
+    headers[h.REPLAYS] = letter.replays + 1
+    headers[h.REPLAYED_AT] = h.utc_now_iso()
     headers[h.ENQUEUED_AT] = time.time()
     return Outgoing(queues.TASK_EXCHANGE, target, letter.body, headers, republished_properties(letter.properties))
+
+
+def _require_work_queue(conn: Connection, name: str) -> None:
+    """Raise DeadLetterError when work queue ``name`` does not exist.
+
+    The task exchange parks what it cannot route in unroutable.dead and the
+    broker confirms it as routed, so a replay into a deleted work queue would
+    move its dead letters there without a word: it is checked first.
+    """
+    channel = conn.channel()
+    try:
+        channel.queue_declare(name, passive=True)
+    except amqp.exceptions.NotFound:
+        raise DeadLetterError(
+            f"work queue {name!r} does not exist on the broker (a replay would park its tasks in "
+            f"{queues.UNROUTABLE_QUEUE}); run `python -m service topology declare`"
+        ) from None
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - the broker closed it already
+            pass
 
 
 class _Pacer:
@@ -427,9 +525,10 @@ def replay(
 
     Each message is republished and confirmed before it is acked; with ``batch``
     N > 1, N are confirmed at a time (faster; a kill may then duplicate up to N). A message
-    already replayed ``max_replays`` times is refused unless ``force``. With
-    ``dry_run`` nothing is published, acked or locked: the outcome lists what
-    would be replayed.
+    already replayed ``max_replays`` times is refused unless ``force``. An unroutable
+    message whose routing key is no work queue has nowhere to go back to: without
+    ``to`` it is refused (``Outcome.homeless``). With ``dry_run`` nothing is
+    published, acked or locked: the outcome lists what would be replayed.
     """
     if to is not None:
         try:
@@ -444,12 +543,17 @@ def replay(
     window: list[DeadLetter] = []
     window_size = 1 if rate else max(1, batch)
 
+    present: set[str] = set()
+
     def flush() -> bool:
         """Publish the window, then ack it; False (nothing acked) when the broker failed."""
         if not window:
             return True
         assert publisher is not None
         try:
+            for target in {to or d.source_queue for d in window} - present:
+                _require_work_queue(conn, target)
+                present.add(target)
             publisher.publish_many([replayed_message(d, to or d.source_queue) for d in window], window=len(window))
         except KitError as exc:
             for letter in window:
@@ -473,6 +577,10 @@ def replay(
                 outcome.skipped += 1
                 continue
             outcome.matched += 1
+            if to is None and not letter.source_queue:
+                outcome.homeless.append(letter)
+                _report(progress, letter, "refused")
+                continue
             if letter.replays >= max_replays and not force:
                 outcome.refused.append(letter)
                 _report(progress, letter, "refused")
@@ -578,6 +686,12 @@ def import_records(conn: Connection, settings: Settings, records: list[dict[str,
         for record in records:
             target = queue or record["queue"]
             properties = republished_properties(record["properties"])
+            if target == queues.UNROUTABLE_QUEUE:
+                # Straight into the alternate exchange (fanout), with the routing key it had:
+                # through the task exchange it would reach a work queue bound to that key.
+                outgoing.append(Outgoing(queues.UNROUTABLE_EXCHANGE, str(record.get("routing_key") or ""),
+                                         record["body"], record["headers"], properties))
+                continue
             # The dead-letter exchange routes by work queue name to its DLQ.
             outgoing.append(Outgoing(queues.DEAD_LETTER_EXCHANGE, work_queue_of(target), record["body"],
                                      record["headers"], properties))

@@ -1,6 +1,8 @@
 """The dead-letter archive: JSON Lines that ``dlq export`` and ``purge --archive`` write and ``dlq import`` reads.
 
-One record per dead letter, with its body (base64), headers and properties.
+One record per dead letter, with its body (base64), headers, properties and the
+routing key it was delivered with (what an unroutable message was published
+with; records written before it was recorded have none).
 AMQP values JSON lacks (timestamps, bytes, decimals) are tagged so they come
 back as the same types: an export, purge and import round-trip a message byte
 for byte, headers included.
@@ -67,6 +69,7 @@ def export_record(letter: DeadLetter) -> dict[str, Any]:
         "body": base64.b64encode(letter.body).decode(),
         "headers": to_jsonable(letter.headers),
         "properties": to_jsonable(letter.properties),
+        "routing_key": letter.routing_key,
         "exported_at": h.utc_now_iso(),
     }
 
@@ -91,6 +94,8 @@ def read_archive(path: Path) -> list[dict[str, Any]]:
             if record["queue"] not in queues.DEAD_LETTER_QUEUE_NAMES:
                 raise DeadLetterError(f"unknown dead-letter queue {record['queue']!r}; the kit's are "
                                       f"{', '.join(queues.DEAD_LETTER_QUEUE_NAMES)}")
+            if not isinstance(record.setdefault("routing_key", ""), str):
+                raise ValueError("routing_key is not a string")
             record["body"] = base64.b64decode(record["body"], validate=True)
             record["headers"] = from_jsonable(record["headers"])
             record["properties"] = from_jsonable(record["properties"])

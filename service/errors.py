@@ -19,6 +19,21 @@ class BrokerUnavailable(KitError):
     """The broker could not be reached, or did not confirm in time."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """The broker answered but refused: retrying cannot help until someone fixes the cause.
+
+    A login refused (403 ACCESS_REFUSED: wrong user or password), a vhost that does
+    not exist or that the user may not use (530 NOT_ALLOWED), a right the user lacks
+    (403 on a declare), a certificate that does not verify. Raised at once, never
+    after retrying until a deadline; the message names the user, vhost or resource
+    and the fix. A BrokerUnavailable, so callers that catch that catch this too.
+    """
+
+
+class StartupError(KitError):
+    """A worker or beat cannot start as configured: an unknown queue, a missing topology."""
+
+
 class PublishError(KitError):
     """The broker refused a message (nack or unroutable); nothing was queued."""
 

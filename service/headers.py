@@ -31,6 +31,13 @@ DEAD_LETTERED_AT = "kit-dead-lettered-at"
 WORKER_LOST = "kit-worker-lost"
 #: Host name of the worker that dead-lettered the message.
 WORKER = "kit-worker"
+#: How many times ``dlq replay`` put the message back (``KIT_MAX_REPLAYS`` limits it).
+REPLAYS = "kit-replays"
+#: ISO 8601 UTC time of the latest replay.
+REPLAYED_AT = "kit-replayed-at"
+#: How many times a worker sent the message back to a wait queue because its
+#: ``eta`` was still ahead (a delay longer than KIT_LONGEST_WAIT waits again).
+WAITS = "kit-waits"
 #: Epoch seconds when the message became (or becomes, after a wait) ready in its
 #: work queue: the start of its queue wait time.
 ENQUEUED_AT = "kit-enqueued-at"
@@ -44,10 +51,22 @@ REASON_CONTENT_DISALLOWED = "content-disallowed"
 REASON_UNKNOWN_TASK = "unknown-task"
 REASON_INVALID_ARGUMENTS = "invalid-arguments"
 REASON_INVALID_MESSAGE = "invalid-message"
+REASON_EXPIRED = "expired"
 
 MAX_MESSAGE_CHARS = 1000
 MAX_TRACEBACK_CHARS = 4000
 MAX_TRACEBACK_LINES = 30
+
+
+def count(value: Any) -> int:
+    """A count header (``retries``, ``kit-replays``, ...) as an int: 0 when missing or not a whole number >= 0.
+
+    For code that must not fail on a malformed message; the worker's validation
+    dead-letters such messages before they run.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
 
 
 def utc_now_iso() -> str:
@@ -95,3 +114,9 @@ def with_failure(
     updated[ATTEMPTS] = attempts
     updated[SOURCE_QUEUE] = source_queue
     return updated
+
+
+#: The retry rule that decided the message's fate (``service.retry_policy.RULES``:
+#: ``kit-policy``, ``autoretry-for``, ``self-retry``, ``manual-retry``, ...), set on the
+#: dead letters of tasks that ran.
+RETRY_RULE = "kit-retry-rule"

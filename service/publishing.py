@@ -10,7 +10,6 @@ again, so a publish is at-least-once.
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -20,7 +19,8 @@ from typing import Any
 import amqp
 from kombu import Connection
 
-from service.errors import BrokerUnavailable, PublishError
+from service.connection import refusal
+from service.errors import BrokerRefused, BrokerUnavailable, PublishError
 from service.settings import Settings, redact_url
 
 # Failures after which the connection is thrown away and opened again.
@@ -88,7 +88,15 @@ class ConfirmedChannel:
             connect_timeout=min(self._settings.connect_timeout, max(remaining, 0.1)),
             heartbeat=0,
         )
-        conn.connect()
+        try:
+            # One attempt: the publish loop retries within its own deadline.
+            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+        except Exception as exc:
+            conn.release()
+            refused = refusal(exc, self._settings.broker_url)
+            if refused is not None:
+                raise refused from None  # a refused login, a missing vhost, TLS: retrying cannot help
+            raise
         channel = conn.channel()
         channel.confirm_select()
         channel.events["basic_return"].add(self._on_return)
@@ -197,15 +205,8 @@ class ConfirmedChannel:
                 channel = self._open(remaining)
                 self._send_and_confirm(channel, batch, remaining)
                 return
-            except PublishError:
-                raise
-            except ssl.SSLCertVerificationError as exc:
-                self._drop()  # not transient: retrying cannot help
-                raise BrokerUnavailable(
-                    f"TLS certificate verification of the broker at {redact_url(self._settings.broker_url)} "
-                    f"failed: {exc.verify_message or exc}. Set KIT_BROKER_CA_FILE to the CA that signed the "
-                    "broker's certificate and use the host name the certificate names in KIT_BROKER_URL."
-                ) from None
+            except (PublishError, BrokerRefused):
+                raise  # refused by the broker (_open sorts out what cannot heal): retrying cannot help
             except amqp.exceptions.AccessRefused as exc:
                 self._drop()  # a permission, not a transient failure
                 raise PublishError(

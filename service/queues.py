@@ -7,10 +7,15 @@ Flow of a message::
         --> wait queue for that delay (TTL) --expires--> TASK_EXCHANGE --> work queue
     work queue --(worker: gives up, or broker rejects)--> DEAD_LETTER_EXCHANGE
         (direct, key = queue name) --> the work queue's dead-letter queue
+    TASK_EXCHANGE, a routing key no work queue is bound to --> its alternate
+        exchange UNROUTABLE_EXCHANGE (fanout) --> UNROUTABLE_QUEUE
 
 Waiting for a retry happens in the broker, in the wait queues, never in a
-worker's memory. Nothing here talks to the broker: ``service.topology`` declares
-and verifies these definitions, Celery's configuration and the client read them.
+worker's memory. Nothing published to TASK_EXCHANGE is dropped: what no work
+queue takes (a routing key that is not a work queue's name, from a plain Celery
+app or a deleted queue) is parked in UNROUTABLE_QUEUE, which the dlq tools
+show. Nothing here talks to the broker: ``service.topology`` declares and
+verifies these definitions, Celery's configuration and the client read them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ TASK_EXCHANGE = "tasks"
 RETRY_EXCHANGE = "tasks.retry"
 #: Direct exchange that dead letters go through; the routing key is the source queue.
 DEAD_LETTER_EXCHANGE = "tasks.dead"
+#: Fanout exchange that is TASK_EXCHANGE's alternate exchange (RabbitMQ's
+#: ``alternate-exchange`` argument): it gets every message TASK_EXCHANGE cannot
+#: route, with the routing key it was published with.
+UNROUTABLE_EXCHANGE = "tasks.unroutable"
+#: The queue of UNROUTABLE_EXCHANGE: unroutable task messages wait here for an
+#: operator (``dlq list --queue unroutable``); nobody consumes it.
+UNROUTABLE_QUEUE = "unroutable.dead"
 
 #: Header that selects the wait queue in RETRY_EXCHANGE (value: a tier name like "8s").
 WAIT_HEADER = "kit-wait"
@@ -53,6 +65,19 @@ class Queue:
     binding_key: str = ""
     binding_arguments: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     kind: str = "work"  # work | dead | wait
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A durable exchange and the arguments it must be declared with.
+
+    RabbitMQ compares ``alternate-exchange`` when an exchange is declared again:
+    a declare with another value (or none) fails with PRECONDITION_FAILED.
+    """
+
+    name: str
+    type: str
+    arguments: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _frozen(mapping: dict[str, Any]) -> MappingProxyType[str, Any]:
@@ -124,16 +149,30 @@ WORK_QUEUE_NAMES: tuple[str, ...] = ("urgent", "default", "bulk")
 DEFAULT_QUEUE = "default"
 
 WORK_QUEUES: tuple[Queue, ...] = tuple(_work_queue(n) for n in WORK_QUEUE_NAMES)
-DEAD_LETTER_QUEUES: tuple[Queue, ...] = tuple(_dead_letter_queue(n) for n in WORK_QUEUE_NAMES)
-#: Dead-letter queues, in the order of their work queues.
+#: The queue of unroutable task messages (see UNROUTABLE_QUEUE).
+UNROUTABLE: Queue = Queue(
+    name=UNROUTABLE_QUEUE,
+    exchange=UNROUTABLE_EXCHANGE,  # fanout: the binding key is ignored
+    arguments=_frozen({}),
+    kind="dead",
+)
+#: Every queue the dlq tools work on: each work queue's dead-letter queue, in
+#: the order of the work queues, then UNROUTABLE_QUEUE.
+DEAD_LETTER_QUEUES: tuple[Queue, ...] = tuple(_dead_letter_queue(n) for n in WORK_QUEUE_NAMES) + (UNROUTABLE,)
 DEAD_LETTER_QUEUE_NAMES: tuple[str, ...] = tuple(q.name for q in DEAD_LETTER_QUEUES)
 WAIT_QUEUES: tuple[Queue, ...] = tuple(_wait_queue(s) for s in WAIT_TIERS_S)
 ALL_QUEUES: tuple[Queue, ...] = WORK_QUEUES + DEAD_LETTER_QUEUES + WAIT_QUEUES
 
-#: Exchange name -> AMQP exchange type.
-EXCHANGES: MappingProxyType[str, str] = MappingProxyType(
-    {TASK_EXCHANGE: "direct", RETRY_EXCHANGE: "headers", DEAD_LETTER_EXCHANGE: "direct"}
+#: Every exchange of the kit, with its arguments. TASK_EXCHANGE's alternate
+#: exchange catches what no work queue is bound for.
+EXCHANGE_DEFINITIONS: tuple[Exchange, ...] = (
+    Exchange(TASK_EXCHANGE, "direct", _frozen({"alternate-exchange": UNROUTABLE_EXCHANGE})),
+    Exchange(RETRY_EXCHANGE, "headers"),
+    Exchange(DEAD_LETTER_EXCHANGE, "direct"),
+    Exchange(UNROUTABLE_EXCHANGE, "fanout"),
 )
+#: Exchange name -> AMQP exchange type (arguments: ``exchange(name).arguments``).
+EXCHANGES: MappingProxyType[str, str] = MappingProxyType({x.name: x.type for x in EXCHANGE_DEFINITIONS})
 
 # Celery's own names (fixed by Celery and kombu, not chosen here). The broker
 # users' permissions (service.broker) allow exactly these besides the kit's.
@@ -186,6 +225,17 @@ def wait_tier_for(delay_s: float) -> int:
     )
 
 
+def wait_step(delay_s: float, longest_s: int = WAIT_TIERS_S[-1]) -> tuple[int, float]:
+    """The wait tier and the seconds of the next broker wait towards a delay of ``delay_s``.
+
+    A delay up to ``longest_s`` (a tier, KIT_LONGEST_WAIT) is waited in one go;
+    a longer one waits ``longest_s`` now and again when the worker sees that
+    its ``eta`` is still ahead, until it is due.
+    """
+    step = min(max(float(delay_s), 0.001), float(longest_s))
+    return wait_tier_for(step), step
+
+
 def resolve_priority(priority: str | int) -> int:
     """Turn a priority name (or a number in range) into the AMQP priority.
 
@@ -203,6 +253,17 @@ def resolve_priority(priority: str | int) -> int:
     if isinstance(priority, str) and priority.lower() in PRIORITIES:
         return PRIORITIES[priority.lower()]
     raise ValueError(f"unknown priority {priority!r}; use one of {', '.join(PRIORITIES)}")
+
+
+def exchange(name: str) -> Exchange:
+    """The exchange called ``name``, with its arguments.
+
+    Raises ValueError listing the kit's exchanges when there is none by that name.
+    """
+    for candidate in EXCHANGE_DEFINITIONS:
+        if candidate.name == name:
+            return candidate
+    raise ValueError(f"unknown exchange {name!r}; the kit's exchanges are {', '.join(EXCHANGES)}")
 
 
 def work_queue(name: str) -> Queue:

@@ -1,21 +1,43 @@
 """Declare the topology of ``service.queues`` on a broker, and find drift.
 
 Declaring is idempotent. RabbitMQ cannot change the arguments of an existing
-queue: it answers PRECONDITION_FAILED, which is turned here into a
-TopologyConflict that names the queue, the argument, both values and the fix.
+queue, nor the ``alternate-exchange`` of an existing exchange: it answers
+PRECONDITION_FAILED, which is turned here into a TopologyConflict that names
+the queue or exchange, the argument, both values and the fix.
+A user without the rights to declare gets a BrokerRefused naming the right.
+``connect`` (from service.connection) opens the connection these work on.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import amqp
 from kombu import Connection
 
 from service import queues
-from service.errors import BrokerUnavailable, TopologyConflict
-from service.settings import Settings, redact_url
+from service.connection import connect, permission_refused
+from service.errors import TopologyConflict
+
+__all__ = ["Drift", "connect", "declare", "exchange_fix", "missing", "verify"]
+
+#: What a declare needs: configure on the exchange or queue declared.
+_DECLARE_RIGHTS = {"exchange": "configure", "queue": "configure"}
+#: What a binding needs: write on the queue, read on the exchange.
+_BIND_RIGHTS = {"queue": "write", "exchange": "read"}
+#: Creating an exchange with an alternate exchange also needs (RabbitMQ 3.10, checked when it is
+#: created, not when an existing one is declared again) read on it and write on the alternate one.
+_ALTERNATE_RIGHTS = {"exchange": "write"}
+#: The fix when a worker may not declare: least privilege means the broker's definitions hold the topology.
+_DECLARE_ADVICE = (
+    "Workers that run as a least-privilege user (kit-worker) need KIT_DECLARE_TOPOLOGY=false: the topology "
+    "then comes from the broker's definitions (`python -m service broker provision`, or `python -m service "
+    "topology declare` run as the kit's admin). Otherwise grant the user configure rights on the kit's "
+    "exchanges and queues (rabbitmqctl set_permissions)."
+)
 
 # RabbitMQ's wording, e.g. "PRECONDITION_FAILED - inequivalent arg 'x-max-priority'
 # for queue 'default' in vhost '/': received '3' but current is '10'"; a side that
@@ -37,36 +59,49 @@ class Drift:
     argument: str = ""
     live: str = ""
     wanted: str = ""
+    vhost: str = ""  # where it was found, for the fix (empty: unknown)
 
     def describe(self) -> str:
         """One line for humans."""
         if self.problem == "missing":
             return f"{self.kind} {self.name!r} is missing (run `python -m service topology declare`)"
-        return (
-            f"{self.kind} {self.name!r}: {self.argument} is {self.live} on the broker, "
-            f"the code wants {self.wanted}"
-        )
+        text = f"{self.kind} {self.name!r}: {self.argument} is {self.live} on the broker, the code wants {self.wanted}"
+        if self.kind == "exchange":
+            text += f". {exchange_fix(self.name, self.vhost)}"
+        return text
 
 
-def connect(settings: Settings) -> Connection:
-    """Open a kombu connection to the broker, or raise BrokerUnavailable."""
-    conn = Connection(settings.broker_url, connect_timeout=settings.connect_timeout, ssl=settings.broker_ssl or False)
-    try:
-        conn.connect()
-    except Exception as exc:  # noqa: BLE001 - every failure here means "broker not reachable"
-        conn.release()
-        raise BrokerUnavailable(
-            f"cannot connect to the broker at {redact_url(settings.broker_url)}: {exc}. "
-            "Check that RabbitMQ runs and KIT_BROKER_URL (host, port, vhost, user) is right."
-        ) from None
-    return conn
+def exchange_fix(name: str, vhost: str = "") -> str:
+    """How to replace an exchange declared with other arguments (it holds no messages, its queues do)."""
+    shown = vhost or "<vhost>"
+    path = quote(vhost, safe="") if vhost else "<vhost>"
+    return (
+        f"RabbitMQ cannot change an exchange's arguments in place, and every declare of {name!r} with the kit's "
+        "arguments fails until they match. An exchange holds no messages (its queues do): delete it and declare "
+        f"it again at once, as the kit's admin: `rabbitmqadmin -V {shown} delete exchange name={name} && python -m "
+        f"service topology declare` (or DELETE /api/exchanges/{path}/{name} on the management API). "
+        "`topology declare` creates it with the right arguments and binds its queues again; they keep their "
+        f"messages. In between, publishes to {name!r} fail (the kit's client raises, nothing is queued) and "
+        "RabbitMQ drops what a queue dead-letters into it (for tasks: retries whose wait ends), so run it while "
+        "the tasks.wait.* queues are empty"
+    )
 
 
-def _conflict_from(error: amqp.exceptions.PreconditionFailed, kind: str, name: str) -> Drift:
+def _exchange_conflict(drift: Drift) -> TopologyConflict:
+    """TopologyConflict for an exchange, whose fix is not a queue's (no messages to drain)."""
+    conflict = TopologyConflict(drift)
+    conflict.args = (
+        f"exchange {drift.name!r} already exists on the broker with {drift.argument}={drift.live}, but "
+        f"service/queues.py wants {drift.argument}={drift.wanted}. {exchange_fix(drift.name, drift.vhost)}.",
+    )
+    return conflict
+
+
+def _conflict_from(error: amqp.exceptions.PreconditionFailed, kind: str, name: str, vhost: str = "") -> Drift:
     text = str(error)
     match = _INEQUIVALENT.search(text)
     if not match:
-        return Drift(kind, name, "arguments", "?", text, "as in service/queues.py")
+        return Drift(kind, name, "arguments", "?", text, "as in service/queues.py", vhost=vhost)
     return Drift(
         kind,
         name,
@@ -74,11 +109,23 @@ def _conflict_from(error: amqp.exceptions.PreconditionFailed, kind: str, name: s
         argument=match["arg"],
         live="unset" if match["live_none"] else match["live"],
         wanted="unset" if match["wanted_none"] else match["wanted"],
+        vhost=vhost,
     )
 
 
-def _declare_exchange(channel, name: str, kind: str, passive: bool = False) -> None:
-    channel.exchange_declare(name, kind, durable=True, auto_delete=False, passive=passive)
+def _vhost(conn: Connection) -> str:
+    return str(getattr(conn, "virtual_host", "") or "")
+
+
+def _declare_exchange(channel, exchange: queues.Exchange, passive: bool = False) -> None:
+    channel.exchange_declare(
+        exchange.name,
+        exchange.type,
+        durable=True,
+        auto_delete=False,
+        arguments=dict(exchange.arguments),
+        passive=passive,
+    )
 
 
 def _declare_queue(channel, queue: queues.Queue, passive: bool = False) -> None:
@@ -95,26 +142,45 @@ def _declare_queue(channel, queue: queues.Queue, passive: bool = False) -> None:
 def declare(conn: Connection) -> None:
     """Declare every exchange, queue and binding. Safe to run any number of times.
 
-    Raises TopologyConflict when a live queue or exchange has other arguments.
+    Raises TopologyConflict when a live queue or exchange has other arguments,
+    BrokerRefused when the user may not declare (403: it lacks configure rights).
     """
     channel = conn.channel()
     try:
-        for name, kind in queues.EXCHANGES.items():
+        for exchange in queues.EXCHANGE_DEFINITIONS:
             try:
-                _declare_exchange(channel, name, kind)
+                _declare_exchange(channel, exchange)
             except amqp.exceptions.PreconditionFailed as exc:
-                raise TopologyConflict(_conflict_from(exc, "exchange", name)) from None
+                raise _exchange_conflict(_conflict_from(exc, "exchange", exchange.name, _vhost(conn))) from None
+            except amqp.exceptions.AccessRefused as exc:
+                alternate = exchange.arguments.get("alternate-exchange")
+                if alternate and f"exchange '{alternate}'" in str(exc):
+                    raise permission_refused(
+                        exc, f"creating exchange {exchange.name!r} with alternate-exchange {alternate!r}",
+                        _ALTERNATE_RIGHTS, _DECLARE_ADVICE,
+                    ) from None
+                if alternate:
+                    raise permission_refused(
+                        exc, f"declaring the topology (creating {exchange.name!r} with its alternate exchange "
+                        "also needs read on it)", _DECLARE_RIGHTS, _DECLARE_ADVICE,
+                    ) from None
+                raise
         for queue in queues.ALL_QUEUES:
             try:
                 _declare_queue(channel, queue)
             except amqp.exceptions.PreconditionFailed as exc:
                 raise TopologyConflict(_conflict_from(exc, "queue", queue.name)) from None
-            channel.queue_bind(
-                queue.name,
-                queue.exchange,
-                routing_key=queue.binding_key,
-                arguments=dict(queue.binding_arguments),
-            )
+            try:
+                channel.queue_bind(
+                    queue.name,
+                    queue.exchange,
+                    routing_key=queue.binding_key,
+                    arguments=dict(queue.binding_arguments),
+                )
+            except amqp.exceptions.AccessRefused as exc:
+                raise permission_refused(exc, "declaring the topology", _BIND_RIGHTS, _DECLARE_ADVICE) from None
+    except amqp.exceptions.AccessRefused as exc:
+        raise permission_refused(exc, "declaring the topology", _DECLARE_RIGHTS, _DECLARE_ADVICE) from None
     finally:
         _close_quietly(channel)
 
@@ -126,25 +192,56 @@ def verify(conn: Connection) -> list[Drift]:
     error closes the channel, so each check gets a fresh one.
     """
     drift: list[Drift] = []
-    checks = [("exchange", name, kind) for name, kind in queues.EXCHANGES.items()]
+    checks: list[tuple[str, str, object]] = [("exchange", x.name, x) for x in queues.EXCHANGE_DEFINITIONS]
     checks += [("queue", q.name, q) for q in queues.ALL_QUEUES]
     for kind, name, spec in checks:
         channel = conn.channel()
         try:
             if kind == "exchange":
-                _declare_exchange(channel, name, spec, passive=True)
-                # The exchange exists: a non-passive declare now only compares.
-                _declare_exchange(channel, name, spec)
+                _declare_exchange(channel, spec, passive=True)
+                # The exchange exists: a non-passive declare now only compares
+                # (type, durability and alternate-exchange).
+                _declare_exchange(channel, spec)
             else:
                 _declare_queue(channel, spec, passive=True)
                 _declare_queue(channel, spec)
         except amqp.exceptions.NotFound:
             drift.append(Drift(kind, name, "missing"))
         except amqp.exceptions.PreconditionFailed as exc:
-            drift.append(_conflict_from(exc, kind, name))
+            drift.append(_conflict_from(exc, kind, name, _vhost(conn)))
+        except amqp.exceptions.AccessRefused as exc:
+            # RabbitMQ wants configure rights even for a declare that changes nothing.
+            raise permission_refused(
+                exc, "`topology verify` (it compares arguments by declaring)", _DECLARE_RIGHTS,
+                "Run it as a user with configure rights, such as the kit's admin.",
+            ) from None
         finally:
             _close_quietly(channel)
     return drift
+
+
+def missing(conn: Connection, names: Iterable[str] | None = None) -> list[Drift]:
+    """The exchanges and queues that do not exist, by passive declares only.
+
+    Needs no right at all, so a least-privilege worker can run it. ``names``
+    limits the queues checked (default: every queue); every exchange is checked.
+    """
+    wanted = {q.name for q in queues.ALL_QUEUES} if names is None else set(names)
+    checks: list[tuple[str, str, object]] = [("exchange", x.name, x) for x in queues.EXCHANGE_DEFINITIONS]
+    checks += [("queue", q.name, q) for q in queues.ALL_QUEUES if q.name in wanted]
+    absent: list[Drift] = []
+    for kind, name, spec in checks:
+        channel = conn.channel()
+        try:
+            if kind == "exchange":
+                _declare_exchange(channel, spec, passive=True)
+            else:
+                _declare_queue(channel, spec, passive=True)
+        except amqp.exceptions.NotFound:
+            absent.append(Drift(kind, name, "missing"))
+        finally:
+            _close_quietly(channel)
+    return absent
 
 
 def _close_quietly(channel) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -44,7 +45,9 @@ def test_a_valid_request_becomes_a_celery_protocol_2_message():
         ({"kwargs": {1: "x"}}, "string keys"),
         ({"args": ["x" * LIMIT]}, "over the limit of 10000"),
         ({"countdown": -1}, "countdown must be"),
-        ({"countdown": 10**6}, "longer than the longest wait tier"),
+        ({"countdown": 10**10}, "countdown must be a number of seconds from 0 to"),
+        ({"countdown": float("nan")}, "countdown must be"),
+        ({"countdown": float("inf")}, "countdown must be"),
         ({"name": ""}, "non-empty string"),
     ],
 )
@@ -60,3 +63,20 @@ def test_countdown_goes_to_a_wait_queue_not_an_eta():
     assert message.headers[queues.WAIT_HEADER] == "4s"
     assert message.properties["expiration"] == "3000"
     assert message.headers["eta"] is None
+
+
+def test_a_countdown_longer_than_one_wait_carries_its_due_time():
+    before = datetime.now(UTC)
+    _, message = build(countdown=3 * 3600)
+    assert message.exchange == queues.RETRY_EXCHANGE
+    assert message.headers[queues.WAIT_HEADER] == "4096s"  # the longest tier, then it waits again
+    assert message.properties["expiration"] == "4096000"
+    due = datetime.fromisoformat(message.headers["eta"])
+    assert timedelta(hours=3) <= due - before < timedelta(hours=3, seconds=5)
+
+
+def test_the_longest_wait_can_be_shortened():
+    _, message = build_message(TaskRequest("emails.send", countdown=10), LIMIT, longest_wait_s=2)
+    assert message.headers[queues.WAIT_HEADER] == "2s"
+    assert message.properties["expiration"] == "2000"
+    assert message.headers["eta"] is not None

@@ -155,7 +155,7 @@ class Spec:
             h.WORKER: "worker-1.example",
         })
         if self.replays:
-            headers[dl.REPLAYS_HEADER] = self.replays
+            headers[h.REPLAYS] = self.replays
         return headers
 
     def properties(self) -> dict[str, Any]:
@@ -330,7 +330,7 @@ def test_stats_counts_oldest_newest_and_groups(kit_env, seeded):
     broker_died = seeded["default.dead"][ORDER["default.dead"].index("d5")]["headers"]["x-death"][0]["time"]
     broker_died = broker_died.replace(tzinfo=UTC).isoformat(timespec="seconds")
     stats = {s["queue"]: s for s in cli_json(kit_env, "stats")}
-    assert list(stats) == ["urgent.dead", "default.dead", "bulk.dead"]
+    assert list(stats) == ["urgent.dead", "default.dead", "bulk.dead", "unroutable.dead"]
     default = stats["default.dead"]
     assert default["count"] == 6
     assert default["oldest"] == "2026-03-01T08:00:00+00:00"
@@ -359,7 +359,8 @@ def test_stats_counts_oldest_newest_and_groups(kit_env, seeded):
 def test_stats_of_empty_queues(kit_env, topology):
     stats = cli_json(kit_env, "stats")
     assert [(s["queue"], s["count"], s["oldest"], s["newest"]) for s in stats] == [
-        ("urgent.dead", 0, None, None), ("default.dead", 0, None, None), ("bulk.dead", 0, None, None)]
+        ("urgent.dead", 0, None, None), ("default.dead", 0, None, None), ("bulk.dead", 0, None, None),
+        ("unroutable.dead", 0, None, None)]
     assert "default.dead: 0 dead letter(s)" in ok(kit_env, "stats").stdout
 
 
@@ -590,11 +591,11 @@ def test_replay_puts_matching_dead_letters_back(vhost, kit_env, seeded, args, re
             headers = message["headers"]
             assert headers["retries"] == 0  # a fresh retry budget
             assert headers["eta"] is None
-            assert headers[dl.REPLAYS_HEADER] == spec.replays + 1
-            assert datetime.fromisoformat(headers[dl.REPLAYED_AT_HEADER]) > datetime(2026, 3, 6, tzinfo=UTC)
+            assert headers[h.REPLAYS] == spec.replays + 1
+            assert datetime.fromisoformat(headers[h.REPLAYED_AT]) > datetime(2026, 3, 6, tzinfo=UTC)
             assert not any(k.startswith("x-") for k in headers), headers
             assert h.WORKER_LOST not in headers and "kit-wait" not in headers
-            renewed = ("retries", dl.REPLAYS_HEADER, "kit-enqueued-at")
+            renewed = ("retries", h.REPLAYS, "kit-enqueued-at")
             kept = {k: v for k, v in original["headers"].items() if not k.startswith("x-") and k not in renewed}
             assert {k: v for k, v in headers.items() if k in kept} == kept  # task, id, argsrepr, kit-*, ...
         # A priority queue: the most urgent replayed message comes out first.
@@ -670,7 +671,7 @@ def test_replay_rate_limit(vhost, kit_env, topology):
     ok(kit_env, "replay", "--rate", "10")
     replayed = take_all(vhost, "default")
     assert [m["id"] for m in replayed] == [letter_id(f"r{i}") for i in range(6)]
-    moments = sorted(datetime.fromisoformat(m["headers"][dl.REPLAYED_AT_HEADER]) for m in replayed)
+    moments = sorted(datetime.fromisoformat(m["headers"][h.REPLAYED_AT]) for m in replayed)
     assert (moments[-1] - moments[0]).total_seconds() >= 0.45  # 6 messages at 10/s: 5 gaps of 0.1 s
 
 
@@ -680,11 +681,11 @@ def test_replay_budget_is_counted_in_kit_replays_and_refused_unless_forced(vhost
     for round_ in (1, 2, 3):  # KIT_MAX_REPLAYS defaults to 3
         assert ok(kit_env, "replay").stdout.strip() == "replayed 1, skipped 0, refused 0, failed 0"
         [message] = peek(vhost, "default")
-        assert message["headers"][dl.REPLAYS_HEADER] == round_ and message["headers"]["retries"] == 0
+        assert message["headers"][h.REPLAYS] == round_ and message["headers"]["retries"] == 0
         assert message["properties"]["priority"] == 2
         reject_back(vhost, "default")  # it died again: RabbitMQ dead-letters it, kit-replays travels along
         [dead] = peek(vhost, "default.dead")
-        assert dead["headers"][dl.REPLAYS_HEADER] == round_ and dead["headers"]["x-death"][0]["reason"] == "rejected"
+        assert dead["headers"][h.REPLAYS] == round_ and dead["headers"]["x-death"][0]["reason"] == "rejected"
 
     refused = run_cli(kit_env, "replay")
     assert refused.returncode in (0, 1) and "Traceback" not in refused.stderr
@@ -700,14 +701,14 @@ def test_replay_budget_is_counted_in_kit_replays_and_refused_unless_forced(vhost
     # A bigger budget, from the environment or the option, lets it through.
     env = dict(kit_env, KIT_MAX_REPLAYS="5")
     assert ok(env, "replay").stdout.strip() == "replayed 1, skipped 0, refused 0, failed 0"
-    assert peek(vhost, "default")[0]["headers"][dl.REPLAYS_HEADER] == 4
+    assert peek(vhost, "default")[0]["headers"][h.REPLAYS] == 4
     reject_back(vhost, "default")
     assert "refused 1" in ok(env, "replay", "--max-replays", "4").stdout
     env_small = dict(kit_env, KIT_MAX_REPLAYS="1")
     assert "refused 1" in ok(env_small, "replay").stdout
     assert ok(env_small, "replay", "--force").stdout.strip() == "replayed 1, skipped 0, refused 0, failed 0"
     [message] = take_all(vhost, "default")
-    assert message["headers"][dl.REPLAYS_HEADER] == 5
+    assert message["headers"][h.REPLAYS] == 5
     assert message["body"] == spec.body()
     assert vhost.depth("default.dead") == 0
 
@@ -718,7 +719,7 @@ def test_budget_refusals_do_not_move_anything_and_keep_the_order(vhost, kit_env,
     before = peek(vhost, "default.dead")
     result = ok(kit_env, "replay", "--max-replays", "1")
     assert result.stdout.strip().splitlines()[-1] == "replayed 3, skipped 0, refused 6, failed 0"
-    assert peek(vhost, "default.dead") == [m for m in before if m["headers"].get(dl.REPLAYS_HEADER, 0) >= 1]
+    assert peek(vhost, "default.dead") == [m for m in before if m["headers"].get(h.REPLAYS, 0) >= 1]
     assert sorted(m["id"] for m in take_all(vhost, "default")) == sorted(s.id for s in specs if s.replays == 0)
 
 
@@ -870,7 +871,7 @@ def test_replayed_tasks_run_and_succeed_once_the_cause_is_fixed(vhost, kit_env, 
     for name, task_id in ids.items():
         [message] = [m for m in waiting if m["id"] == task_id]
         assert message["properties"]["priority"] == priority[name]
-        assert message["headers"]["retries"] == 0 and message["headers"][dl.REPLAYS_HEADER] == 1
+        assert message["headers"]["retries"] == 0 and message["headers"][h.REPLAYS] == 1
 
     start_worker()
     wait_until(lambda: sorted(recorded(tmp_path, "done")) == sorted(markers.values()), 30,

@@ -205,6 +205,11 @@ def test_definitions_hold_users_permissions_and_the_whole_topology(users):
     bindings = management("GET", f"/api/bindings/{vname}")
     wait_8s = [b for b in bindings if b["destination"] == "tasks.wait.8s" and b["source"]]  # "": default exchange
     assert [(b["source"], b["arguments"]) for b in wait_8s] == [("tasks.retry", {"x-match": "all", "kit-wait": "8s"})]
+    tasks = management("GET", f"/api/exchanges/{vname}/{queues.TASK_EXCHANGE}")
+    assert tasks["arguments"] == {"alternate-exchange": queues.UNROUTABLE_EXCHANGE}
+    parked = [b["source"] for b in bindings if b["destination"] == queues.UNROUTABLE_QUEUE and b["source"]]
+    assert parked == [queues.UNROUTABLE_EXCHANGE]
+    assert management("GET", f"/api/exchanges/{vname}/{queues.UNROUTABLE_EXCHANGE}")["type"] == "fanout"
     # Posting them again changes nothing (idempotent) and the users still log in.
     management("POST", "/api/definitions", broker.definitions(users.vhost.name, users.passwords, users.prefix))
     users.connect("worker").close()
@@ -254,15 +259,20 @@ def test_publisher_publishes_with_the_client_but_cannot_consume_purge_or_delete(
             publish_confirmed(queues.DEAD_LETTER_EXCHANGE, "default"),  # no forged dead letters
             publish_confirmed("", "default.dead"),  # nor through the default exchange
             publish_confirmed(queues.EVENT_EXCHANGE, "worker.heartbeat"),  # only task-sent events
+            publish_confirmed(queues.UNROUTABLE_EXCHANGE, "high_priority"),  # nor straight into unroutable.dead
+            lambda ch: ch.basic_get(queues.UNROUTABLE_QUEUE),
         ):
             refused(conn, action)
         # What the client relies on works: passive declares and publishing to the task exchange.
         assert allowed(conn, lambda ch: ch.queue_declare("default", passive=True)).message_count == 2
         allowed(conn, lambda ch: ch.exchange_declare(queues.EVENT_EXCHANGE, "topic", passive=True))
         allowed(conn, publish_confirmed(queues.TASK_EXCHANGE, "bulk"))
+        # A key no work queue is bound to: write on the task exchange is enough for it to be parked.
+        allowed(conn, publish_confirmed(queues.TASK_EXCHANGE, "high_priority"))
     finally:
         conn.close()
-    assert users.vhost.depths(["default", "default.dead", "bulk"]) == {"default": 2, "default.dead": 0, "bulk": 1}
+    assert users.vhost.depths(["default", "default.dead", "bulk", queues.UNROUTABLE_QUEUE]) == {
+        "default": 2, "default.dead": 0, "bulk": 1, queues.UNROUTABLE_QUEUE: 1}
 
 
 # -- worker -------------------------------------------------------------------------
@@ -289,13 +299,104 @@ def test_worker_user_consumes_and_routes_but_cannot_delete_or_reconfigure_queues
             lambda ch: ch.queue_unbind("default", queues.TASK_EXCHANGE, "default"),
             lambda ch: ch.basic_get("default.dead"),  # dead letters are for the admin's tools
             lambda ch: ch.queue_purge("default.dead"),
+            lambda ch: ch.basic_get(queues.UNROUTABLE_QUEUE),  # so are unroutable tasks
+            lambda ch: ch.queue_purge(queues.UNROUTABLE_QUEUE),
+            lambda ch: ch.queue_delete(queues.UNROUTABLE_QUEUE),
             publish_confirmed(queues.TASK_EXCHANGE, "default"),  # workers never enqueue new work
+            publish_confirmed(queues.UNROUTABLE_EXCHANGE, "default"),
         ):
             refused(conn, action)
     finally:
         conn.close()
     assert users.vhost.depths(["default.dead", "tasks.wait.64s", "default"]) == {
         "default.dead": 1, "tasks.wait.64s": 1, "default": 0}
+
+
+def test_publisher_rights_an_unroutable_task_needs_checked_with_throwaway_users(vhost):
+    """Evidence for PERMISSIONS: what a publish that goes on to the alternate exchange needs.
+
+    RabbitMQ 3.10.8 routes a message the task exchange cannot route on to its
+    alternate exchange without checking the publisher's rights there: write on
+    the task exchange alone parks it (mandatory or not; no basic.return). Only
+    creating an exchange with an alternate exchange is checked: configure and
+    read on it, write on the alternate exchange (the admin does that).
+    """
+    from service.topology import declare
+
+    conn = connect(replace(load(), broker_url=vhost.url))
+    try:
+        declare(conn)
+    finally:
+        conn.release()
+    vname = quote(vhost.name, safe="")
+    made = []
+
+    def throwaway(name: str, configure: str, write: str, read: str) -> amqp.Connection:
+        user = f"{vhost.name}-{name}"
+        management("PUT", f"/api/users/{quote(user, safe='')}", {"password": f"pw-{user}", "tags": ""})
+        made.append(user)
+        management("PUT", f"/api/permissions/{vname}/{quote(user, safe='')}",
+                   {"configure": configure, "write": write, "read": read})
+        c = amqp.Connection(f"{AMQP_HOST}:{AMQP_PORT}", userid=user, password=f"pw-{user}", virtual_host=vhost.name)
+        c.connect()
+        return c
+
+    try:
+        only_tasks = throwaway("only-tasks", "^$", "^tasks$", "^$")
+        try:
+            for mandatory in (True, False):
+                channel = only_tasks.channel()
+                returned: list[Any] = []
+                channel.events["basic_return"].add(lambda *args, sink=returned: sink.append(args))
+                channel.confirm_select()
+                channel.basic_publish_confirm(amqp.Message(b"[[], {}, {}]", delivery_mode=2), "tasks",
+                                              "high_priority", mandatory=mandatory, confirm_timeout=10)
+                assert returned == []
+                channel.close()
+            refused(only_tasks, publish_confirmed(queues.UNROUTABLE_EXCHANGE, "high_priority"))
+        finally:
+            only_tasks.close()
+        assert vhost.depth(queues.UNROUTABLE_QUEUE) == 2
+
+        alternate = {"alternate-exchange": queues.UNROUTABLE_EXCHANGE}
+        for name, write, read, ok in (("no-read", "^tasks\\.unroutable$", "^$", False),
+                                      ("no-write", "^$", "^new$", False),
+                                      ("both", "^tasks\\.unroutable$", "^new$", True)):
+            creator = throwaway(name, "^new$", write, read)
+            try:
+                def create(ch: amqp.Channel) -> None:
+                    ch.exchange_declare("new", "direct", durable=True, auto_delete=False, arguments=alternate)
+                if ok:
+                    allowed(creator, create)
+                else:
+                    refused(creator, create)
+            finally:
+                creator.close()
+    finally:
+        _delete_users(made)
+
+
+def test_publisher_user_publishes_from_a_plain_celery_app_with_the_kits_settings(users, kit_env):
+    """A plain Celery app as kit-publisher: no right beyond the kit's client's; the admin's dlq tools see a misroute."""
+    from celery import Celery
+
+    from service.celery_settings import publisher_settings
+
+    app = Celery("plain", set_as_current=False)
+    app.conf.update(publisher_settings(users.url("publisher")))
+    try:
+        app.send_task("test.record", ["plain"], queue="default")
+        misrouted = app.send_task("test.record", ["misrouted"], routing_key="high_priority").id
+    finally:
+        app.close()
+    assert users.vhost.depths(["default", queues.UNROUTABLE_QUEUE]) == {"default": 1, queues.UNROUTABLE_QUEUE: 1}
+    env = dict(kit_env, KIT_BROKER_URL=users.url("admin"))
+    listed = subprocess.run([sys.executable, "-m", "service", "dlq", "list", "--queue", "unroutable", "--json"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert (row["id"], row["reason"], row["routing_key"]) == (misrouted, "unroutable", "high_priority")
+    assert users.vhost.depth(queues.UNROUTABLE_QUEUE) == 1  # listing changed nothing
 
 
 class CliWorker(Worker):
@@ -376,6 +477,8 @@ def test_monitor_user_cannot_publish_or_touch_the_queues(users, monkeypatch):
             refused(conn, action)
         # Queue lengths by passive declare, as celery-exporter reads them.
         assert allowed(conn, lambda ch: ch.queue_declare("bulk.dead", passive=True)).message_count == 0
+        assert allowed(conn, lambda ch: ch.queue_declare(queues.UNROUTABLE_QUEUE, passive=True)).message_count == 0
+        refused(conn, lambda ch: ch.basic_get(queues.UNROUTABLE_QUEUE))
     finally:
         conn.close()
     monkeypatch.setenv("KIT_PUBLISH_TIMEOUT", "5")

@@ -38,7 +38,8 @@ def test_defaults_load_and_use_pyamqp(monkeypatch):
         ("KIT_PUBLISH_TIMEOUT", "soon", "KIT_PUBLISH_TIMEOUT='soon' is not a number"),
         ("KIT_BROKER_URL", "redis://localhost", "is not an AMQP URL"),
         ("KIT_HARD_TIME_LIMIT", "10", "must be greater than KIT_SOFT_TIME_LIMIT"),
-        ("KIT_MAX_WORKER_LOST", "0", "must be at least 1"),
+        ("KIT_MAX_WORKER_LOST", "0", "KIT_MAX_WORKER_LOST='0' is out of range; accepted: an integer from 1 to"),
+        ("KIT_PUBLISH_TIMEOUT", "nan", "KIT_PUBLISH_TIMEOUT='nan' is not a finite number"),
     ],
 )
 def test_bad_settings_are_named(monkeypatch, name, value, fragment):

@@ -34,7 +34,10 @@ def test_work_queues_are_priority_queues_that_dead_letter_into_their_own_queue()
         assert queue.arguments["x-max-priority"] == queues.MAX_PRIORITY <= 5
         assert queue.arguments["x-dead-letter-exchange"] == queues.DEAD_LETTER_EXCHANGE
         assert queue.arguments["x-dead-letter-routing-key"] == queue.name
-    assert {q.binding_key for q in queues.DEAD_LETTER_QUEUES} == set(queues.WORK_QUEUE_NAMES)
+    per_work_queue = [q for q in queues.DEAD_LETTER_QUEUES if q.exchange == queues.DEAD_LETTER_EXCHANGE]
+    assert {q.binding_key for q in per_work_queue} == set(queues.WORK_QUEUE_NAMES)
+    # ... and unroutable.dead, behind the task exchange's alternate exchange.
+    assert [q for q in queues.DEAD_LETTER_QUEUES if q not in per_work_queue] == [queues.UNROUTABLE]
     names = [q.name for q in queues.ALL_QUEUES]
     assert len(names) == len(set(names))
 

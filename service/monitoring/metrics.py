@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 
 from service.headers import ENQUEUED_AT as ENQUEUED_AT_HEADER
+from service.headers import REPLAYS as REPLAYS_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,12 @@ DEAD_LETTERS = Counter(
 RETRIES = Counter(
     "kit_retries_scheduled_total",
     "Retries the workers scheduled in a broker wait queue, by work queue and task.",
+    ["queue", "task"],
+)
+ETA_WAITS = Counter(
+    "kit_eta_waits_total",
+    "Messages a worker sent back to a broker wait queue because their ETA was still ahead "
+    "(instead of holding them in memory), by work queue and task.",
     ["queue", "task"],
 )
 ROUTING_FAILURES = Counter(
@@ -53,7 +60,7 @@ def observe_start(queue: str, task: str, headers: dict[str, Any]) -> None:
     enqueued = headers.get(ENQUEUED_AT_HEADER)
     if isinstance(enqueued, (int, float)):
         QUEUE_WAIT.labels(queue, task).observe(max(0.0, time.time() - float(enqueued)))
-    if headers.get("kit-replays") and not headers.get("retries"):
+    if headers.get(REPLAYS_HEADER) and not headers.get("retries"):
         REPLAYED_RECEIVED.labels(queue, task).inc()
 
 

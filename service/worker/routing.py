@@ -10,11 +10,13 @@ RabbitMQ itself dead-letter it through the work queue's x-dead-letter-exchange.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kombu.message import Message
@@ -34,6 +36,12 @@ logger = logging.getLogger(__name__)
 _channel: ConfirmedChannel | None = None
 _channel_pid = 0
 _lock = threading.Lock()
+
+
+@functools.cache
+def _longest_wait() -> int:
+    """KIT_LONGEST_WAIT, read once per process (settings do not change while a worker runs)."""
+    return load().longest_wait
 
 
 def _publisher() -> ConfirmedChannel:
@@ -85,8 +93,18 @@ def dead_letter(message: Message, reason: str, failure: dict[str, Any], *, worke
     """Publish ``message`` to its dead-letter queue with ``reason`` and failure headers.
 
     ``failure`` holds the keyword arguments of ``headers.with_failure`` except the
-    source queue. Returns True once the broker confirmed the dead letter.
+    source queue. Returns True once the broker confirmed the dead letter, False
+    when it could not be published (never raises).
     """
+    try:
+        return _dead_letter(message, reason, failure, worker_lost)
+    except Exception:  # noqa: BLE001 - a value read from the message must not wedge the worker
+        logger.exception("could not build the dead letter of a message (reason %s)", reason)
+        metrics.ROUTING_FAILURES.labels("dead-letter").inc()
+        return False
+
+
+def _dead_letter(message: Message, reason: str, failure: dict[str, Any], worker_lost: int) -> bool:
     source = source_queue(message)
     headers = h.with_failure(dict(message.headers or {}), source_queue=source, **failure)
     headers.pop(queues.WAIT_HEADER, None)
@@ -107,28 +125,47 @@ def dead_letter(message: Message, reason: str, failure: dict[str, Any], *, worke
             headers.get(h.EXCEPTION_TYPE), headers.get(h.EXCEPTION_MESSAGE),
         )
     # Also when the publish failed: RabbitMQ then dead-letters the message itself.
-    sentry.capture_dead_letter(headers, published=sent)
+    try:
+        sentry.capture_dead_letter(headers, published=sent)
+    except Exception:  # noqa: BLE001 - reporting must not change what happens to the message
+        logger.debug("could not report the dead letter to Sentry", exc_info=True)
     return sent
+
+
+def _to_wait_queue(message: Message, headers: dict[str, Any], delay_s: float) -> Outgoing:
+    """The message that waits ``delay_s`` in the broker, then returns to its work queue.
+
+    A delay longer than KIT_LONGEST_WAIT waits that long and carries its due
+    time as ``eta``, so the worker sends it to wait again until it is due.
+    """
+    tier, step = queues.wait_step(delay_s, _longest_wait())
+    headers[queues.WAIT_HEADER] = queues.wait_tier_name(tier)
+    if delay_s > step:
+        headers["eta"] = (datetime.now(UTC) + timedelta(seconds=delay_s)).isoformat()
+    headers[h.ENQUEUED_AT] = time.time() + delay_s
+    props = _properties(message)
+    props["expiration"] = str(max(1, int(step * 1000)))
+    return Outgoing(queues.RETRY_EXCHANGE, source_queue(message), message.body, headers, props)
 
 
 def schedule_retry(message: Message, delay_s: float, failure: dict[str, Any], *, worker_lost: int = 0) -> bool:
     """Publish ``message`` to the wait queue that returns it to its work queue after ``delay_s``.
 
     Increments Celery's ``retries`` header and keeps priority and body. Returns
-    True once the broker confirmed it.
+    True once the broker confirmed it, False when it could not (never raises).
     """
-    source = source_queue(message)
-    headers = h.with_failure(dict(message.headers or {}), source_queue=source, **failure)
-    headers["retries"] = int(headers.get("retries") or 0) + 1
-    headers["eta"] = None
-    if worker_lost:
-        headers[h.WORKER_LOST] = worker_lost
-    tier = queues.wait_tier_for(delay_s)
-    headers[queues.WAIT_HEADER] = queues.wait_tier_name(tier)
-    props = _properties(message)
-    props["expiration"] = str(max(1, int(delay_s * 1000)))
-    headers[h.ENQUEUED_AT] = time.time() + delay_s
-    outgoing = Outgoing(queues.RETRY_EXCHANGE, source, message.body, headers, props)
+    try:
+        source = source_queue(message)
+        headers = h.with_failure(dict(message.headers or {}), source_queue=source, **failure)
+        headers["retries"] = h.count(headers.get("retries")) + 1
+        headers["eta"] = None
+        if worker_lost:
+            headers[h.WORKER_LOST] = worker_lost
+        outgoing = _to_wait_queue(message, headers, delay_s)
+    except Exception:  # noqa: BLE001 - a value read from the message must not wedge the worker
+        logger.exception("could not build the retry of a message")
+        metrics.ROUTING_FAILURES.labels("retry").inc()
+        return False
     sent = _send(outgoing, f"schedule a retry of {headers.get('task')}[{headers.get('id')}]")
     if not sent:
         metrics.ROUTING_FAILURES.labels("retry").inc()
@@ -138,4 +175,28 @@ def schedule_retry(message: Message, delay_s: float, failure: dict[str, Any], *,
             "retry %d of %s[%s] in %.1fs after %s",
             headers["retries"], headers.get("task"), headers.get("id"), delay_s, headers.get(h.EXCEPTION_TYPE),
         )
+    return sent
+
+
+def wait_until_due(message: Message, delay_s: float) -> bool:
+    """Send a message whose ``eta`` is ``delay_s`` ahead to wait in the broker instead of in memory.
+
+    Nothing else changes (its ``retries`` stay); ``kit-waits`` counts these
+    trips. Returns True once the broker confirmed it, False when it could not
+    (never raises): the caller then lets Celery hold it until its ETA.
+    """
+    try:
+        headers = dict(message.headers or {})
+        headers[h.WAITS] = h.count(headers.get(h.WAITS)) + 1
+        eta = headers.get("eta")
+        outgoing = _to_wait_queue(message, headers, delay_s)
+        outgoing.headers["eta"] = eta  # the original due time, to the microsecond
+    except Exception:  # noqa: BLE001 - a value read from the message must not wedge the worker
+        logger.exception("could not build the wait of a message")
+        return False
+    sent = _send(outgoing, f"send {headers.get('task')}[{headers.get('id')}] to wait for its ETA")
+    if sent:
+        metrics.ETA_WAITS.labels(source_queue(message), str(headers.get("task") or "")).inc()
+        logger.info("%s[%s] is due in %.0fs: waits in %s (trip %d)", headers.get("task"), headers.get("id"),
+                    delay_s, headers[queues.WAIT_HEADER], headers[h.WAITS])
     return sent

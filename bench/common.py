@@ -1,7 +1,7 @@
 """What the benchmarks share: the repository on ``sys.path``, the statistics and the printed tables.
 
 A benchmark script imports this module first (``bench/`` is on ``sys.path``
-when a script of it runs), so ``service`` and ``tests.support`` import from
+when a script of it runs), so ``service`` and ``harness`` import from
 the checkout without installing anything.
 """
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.support import management  # noqa: E402 - importable once the repository is on the path
+from harness.broker import management  # noqa: E402 - importable once the repository is on the path
 
 T = TypeVar("T")
 

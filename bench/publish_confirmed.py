@@ -41,7 +41,7 @@ import kombu
 from common import environment, print_methods, print_problems, print_ratios, ratio, rotated, summarize
 from kombu import Exchange, Queue
 
-from tests.support import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, Vhost
+from harness.broker import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, Vhost
 
 QUEUE = "bulk"
 TASK_NAME = "reports.bench_noop"
@@ -194,14 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         from service import client as client_mod
         from service import queues as queues_mod
         from service.settings import load
-        from service.topology import connect, declare
+        from service.topology import declare_on
 
         settings = load()
-        conn = connect(settings)
-        try:
-            declare(conn)
-        finally:
-            conn.release()
+        declare_on(settings)
 
         _, outgoing = client_mod.build_message(
             client_mod.TaskRequest(TASK_NAME, ARGS, priority=PRIORITY_NAME, queue=QUEUE), settings.max_payload_bytes

@@ -48,7 +48,7 @@ import amqp
 import kombu
 from common import environment, print_methods, print_problems, print_ratios, ratio, rotated, summarize
 
-from tests.support import Vhost, management
+from harness.broker import Vhost, management
 
 WORK_QUEUE = "default"
 DEAD_QUEUE = "default.dead"
@@ -424,15 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.environ["KIT_BROKER_URL"] = vhost.url
         from service import deadletters, topology
-        from service.dlq_filters import Filters
+        from service.deadletters import Filters
         from service.settings import load
 
         settings = load()
-        conn = topology.connect(settings)
-        try:
-            topology.declare(conn)
-        finally:
-            conn.release()
+        topology.declare_on(settings)
         window = opts.window or deadletters.BATCH
         if opts.raw_prefetch and opts.raw_prefetch < window:
             parser.error(f"--raw-prefetch must be 0 or >= the window ({window}): a window waits for its messages")

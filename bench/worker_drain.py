@@ -34,10 +34,11 @@ from pathlib import Path
 
 from common import environment, print_methods, print_problems, print_ratios, ratio, rotated, summarize
 
+from harness.broker import REPO, Vhost
+from harness.processes import spawn
 from service.client import Publisher, TaskRequest
 from service.settings import load
-from service.topology import connect, declare
-from tests.support import REPO, Vhost, spawn
+from service.topology import declare_on
 
 KIT = "kit"
 SAME = "celery_same_safety"
@@ -75,11 +76,7 @@ def measure(kind: str, tasks: int, timeout: float) -> float:
     vhost = Vhost()
     try:
         os.environ["KIT_BROKER_URL"] = vhost.url
-        conn = connect(load())
-        try:
-            declare(conn)
-        finally:
-            conn.release()
+        declare_on(load())
         with Publisher() as publisher:
             publisher.publish_many(TaskRequest("bench.noop", queue="bulk") for _ in range(tasks))
         log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/broker.sh start
-.venv/bin/ruff check service tests bench scripts
+.venv/bin/ruff check service tests bench scripts harness
 .venv/bin/python -m pytest "$@"

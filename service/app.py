@@ -70,7 +70,7 @@ CELERY_ENVIRONMENT = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BRO
                       "CELERY_RESULT_BACKEND")
 
 
-def _one_source_of_configuration(settings: Settings) -> None:
+def check_one_source_of_configuration(settings: Settings) -> None:
     """Refuse Celery's own broker variables when they disagree with the kit's settings.
 
     Celery lets CELERY_BROKER_URL override its configuration, so a tutorial's
@@ -107,7 +107,7 @@ def kit_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
 def make_app() -> Celery:
     """Build the Celery app from the current environment."""
     settings = load()
-    _one_source_of_configuration(settings)
+    check_one_source_of_configuration(settings)
     # KIT_DECLARE_TOPOLOGY=false: the queues come from the broker's definitions and
     # the worker's user may not declare them (service.broker), so never try.
     no_declare = not settings.declare_topology

@@ -1,7 +1,7 @@
 """Broker users, permissions and topology as RabbitMQ definitions: no guest user.
 
 One vhost and one user per role, each allowed only what its job needs
-(``PERMISSIONS`` below; deploy/rabbitmq/definitions-README.md explains every
+(``PERMISSIONS`` below; deploy/rabbitmq/README.md explains every
 regex and what was verified on a real broker)::
 
     kit-admin      administrator: provisioning, dead-letter operations, the UI
@@ -36,7 +36,7 @@ from typing import Any
 
 from service import queues
 from service.errors import BrokerUnavailable, KitError
-from service.settings import ConfigError
+from service.settings import ConfigError, read_secret
 from service.topology import exchange_fix
 
 ROLES: tuple[str, ...] = ("admin", "publisher", "worker", "monitor")
@@ -219,17 +219,13 @@ def read_passwords(secrets_dir: str | Path, roles: tuple[str, ...] = ROLES) -> d
     passwords: dict[str, str] = {}
     for role in roles:
         path = directory / SECRET_FILE.format(role=role)
-        try:
-            password = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{path} is missing: write the {role} user's broker password there "
-                f"(files: {', '.join(SECRET_FILE.format(role=r) for r in roles)})"
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
-        if not password:
-            raise ConfigError(f"{path} is empty: write the {role} user's broker password there")
+        password = read_secret(
+            path,
+            unreadable=f"{path} cannot be read: {{error}}",
+            empty=f"{path} is empty: write the {role} user's broker password there",
+            missing=(f"{path} is missing: write the {role} user's broker password there "
+                     f"(files: {', '.join(SECRET_FILE.format(role=r) for r in roles)})"),
+        )
         _check_password(role, password)
         passwords[role] = password
     return passwords
@@ -334,11 +330,4 @@ def provision(defs: dict[str, Any], management_url: str, admin_user: str, admin_
                 f"users and permissions are in place, but vhost {vhost!r} holds an older topology that "
                 f"RabbitMQ kept: {'; '.join(problems)}. {' '.join(fixes)}"
             )
-
-
-def declare_topology_enabled() -> bool:
-    """KIT_DECLARE_TOPOLOGY: whether workers declare the topology themselves (needs configure rights)."""
-    from service.settings import load
-
-    return load().declare_topology
 

@@ -12,7 +12,7 @@ Two kinds of failure, treated differently:
 
 ``refusal`` is the one place that tells the two apart; the publisher
 (service.publishing), the start-up checks (service.startup) and the command
-line (service.cli_errors) all use it.
+line (service.cli.base) all use it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Exceptions the kit raises, each with a message that says what to do.
 
-The command line prints ``KitError`` messages without a stack trace.
+The command line prints ``KitError`` messages without a stack trace. This module
+holds the root (``KitError``) and the errors several features share (the
+broker's, start-up's, publishing's); an error of one feature lives beside it:
+``settings.ConfigError``, ``topology.TopologyConflict``,
+``deadletters.DeadLetterError``, ``broker.ProvisioningError``,
+``stack.StackError``. It imports nothing of the kit.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from service.topology import Drift
 
 
 class KitError(Exception):
@@ -42,28 +42,8 @@ class InvalidTaskInput(KitError, ValueError):
     """A publish was refused before anything was sent: bad name, queue, priority or payload."""
 
 
-class TopologyConflict(KitError):
-    """A live queue or exchange was declared with other arguments than the code wants."""
-
-    def __init__(self, drift: Drift) -> None:
-        self.drift = drift
-        super().__init__(
-            f"{drift.kind} {drift.name!r} already exists on the broker with "
-            f"{drift.argument}={drift.live}, but service/queues.py wants "
-            f"{drift.argument}={drift.wanted}. RabbitMQ cannot change a {drift.kind}'s "
-            f"arguments in place. To fix it: stop the workers of this {drift.kind}, move "
-            f"or drain its messages, delete it (rabbitmqctl delete_{drift.kind} "
-            f"{drift.name} -p <vhost>; queues only, exchanges via the management UI), "
-            "then run `python -m service topology declare`."
-        )
-
-
 class PermanentError(Exception):
     """Raised by a task when retrying cannot help (a 4xx answer, a bad address).
 
     The worker dead-letters the message at once, with reason ``permanent-error``.
     """
-
-
-class DeadLetterError(KitError):
-    """A dead-letter operation was asked something it cannot do (bad queue, filter, id)."""

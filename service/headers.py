@@ -120,3 +120,8 @@ def with_failure(
 #: ``kit-policy``, ``autoretry-for``, ``self-retry``, ``manual-retry``, ...), set on the
 #: dead letters of tasks that ran.
 RETRY_RULE = "kit-retry-rule"
+
+#: Headers a replay removes, so the task starts over with a fresh retry budget
+#: (with queues.WAIT_HEADER, the routing header of a retry's wait queue).
+RESET_ON_REPLAY = (WORKER_LOST, WAITS, RETRY_RULE, "x-death", "x-first-death-exchange", "x-first-death-queue",
+                   "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")

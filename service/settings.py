@@ -5,43 +5,52 @@ rule (its kind and accepted range) that ``load()`` checks generically: a bad
 value is one ``ConfigError`` line naming the variable, the value and what is
 accepted. The README's configuration table is generated from ``SETTINGS``
 below (``python -m service config --markdown``), so the names, defaults,
-accepted ranges and descriptions live in exactly one place.
+accepted ranges and descriptions live in exactly one place. The kinds of value
+and how each is checked are ``service.setting_rules`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
-from email.errors import HeaderParseError
-from email.headerregistry import Address
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, quote, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from urllib.parse import quote, urlsplit
 
 from service.queues import WAIT_TIERS_S
+from service.setting_rules import (
+    AMQP_SCHEMES,
+    BOOL,
+    BROKER_URL,
+    CHOICE,
+    DIR,
+    EMAIL,
+    FILE,
+    FLOAT,
+    HOST,
+    HTTP_URL,
+    INT,
+    MODULES,
+    NAME,
+    SENTRY_DSN,
+    TEXT,
+    TIMEZONE,
+    ConfigError,
+    Setting,
+    parse,
+    read_secret,
+    redact_dsn,
+    redact_url,
+)
 
-# Kinds of setting: how a value is parsed and checked (see _PARSERS).
-FLOAT = "float"  #: a finite decimal number in [minimum, maximum]
-INT = "int"  #: ASCII digits in [minimum, maximum], or one of ``choices``
-BOOL = "bool"  #: true/false, 1/0, yes/no, on/off
-CHOICE = "choice"  #: one of ``choices``, case-insensitive
-TEXT = "text"  #: one line of text, may be empty
-HOST = "host"  #: a host name or IP address
-EMAIL = "email"  #: a bare e-mail address, local@domain
-FILE = "file"  #: empty, or the path of a readable file
-DIR = "dir"  #: the path of a directory (created when needed)
-MODULES = "modules"  #: comma-separated Python module names, may be empty
-BROKER_URL = "broker-url"  #: a pyamqp://, amqps:// or amqp:// URL
-SENTRY_DSN = "sentry-dsn"  #: empty, or http(s)://key@host/project
-TIMEZONE = "timezone"  #: an IANA time zone name (UTC, Asia/Shanghai)
+__all__ = [
+    "AMQP_SCHEMES", "BOOL", "BROKER_URL", "CHOICE", "CONSUMER_TIMEOUT_S", "DIR", "EMAIL", "FILE", "FLOAT", "HOST",
+    "HTTP_URL", "INT", "LOG_LEVELS", "MAX_COUNT", "MAX_TIMEOUT_S", "MODULES", "NAME", "RABBITMQ_MAX_MESSAGE_BYTES",
+    "SENTRY_DSN", "SETTINGS", "TEXT", "TIMEZONE", "ConfigError", "Setting", "Settings", "load", "parse",
+    "read_secret", "redact_dsn", "redact_url", "validate",
+]
 
-#: Broker URL schemes the kit accepts.
-AMQP_SCHEMES = ("pyamqp", "amqps", "amqp")
 #: Log levels of workers and beat.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Longest task body the client may accept: RabbitMQ's default max_message_size (128 MiB).
@@ -53,38 +62,6 @@ CONSUMER_TIMEOUT_S = 3600
 MAX_TIMEOUT_S = 3600
 #: Ceiling of the retry, replay and worker-lost counts.
 MAX_COUNT = 1000
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-_INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_NOT_FINITE = ("nan", "inf", "infinity")
-_HOST_TEXT = re.compile(r"[A-Za-z0-9._:\[\]-]+")
-_SHOWN_CHARS = 80
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One environment variable: its name, default (as text), meaning and rule.
-
-    The rule is ``kind`` (one of the kinds above) with, for numbers, the range
-    ``minimum``..``maximum`` (each bound inclusive unless ``min_inclusive`` or
-    ``max_inclusive`` says otherwise) and, for choices, the accepted ``choices``.
-    """
-
-    name: str
-    default: str
-    description: str
-    kind: str
-    minimum: float | None = None
-    maximum: float | None = None
-    min_inclusive: bool = True
-    max_inclusive: bool = True
-    choices: tuple[str | int, ...] = ()
-
-    def accepted(self) -> str:
-        """What the setting accepts, in words (for errors and the README)."""
-        return _ACCEPTED[self.kind](self)
 
 
 def _seconds(name: str, default: str, description: str, minimum: float, maximum: float,
@@ -130,6 +107,22 @@ SETTINGS: tuple[Setting, ...] = (
         "workers (the kit-worker user, `python -m service broker`) run with `false`: the topology "
         "then comes from the broker's definitions, and the worker needs no right to change it.",
         BOOL,
+    ),
+    Setting(
+        "KIT_ADMIN_URL",
+        "http://127.0.0.1:15672",
+        "RabbitMQ's management API, without credentials, for `python -m service broker provision` "
+        "(its --management-url).",
+        HTTP_URL,
+    ),
+    Setting("KIT_ADMIN_USER", "kit-admin",
+            "An administrator of the broker, for `python -m service broker provision` (its --admin-user).", NAME),
+    Setting(
+        "KIT_ADMIN_PASSWORD_FILE",
+        "",
+        "File with that administrator's password, for `python -m service broker provision` (its "
+        "--admin-password-file; empty: the admin role's file in --secrets-dir).",
+        FILE,
     ),
     _seconds("KIT_CONNECT_TIMEOUT", "5",
              "Seconds a command, worker or beat keeps trying to connect to the broker before it fails "
@@ -254,239 +247,9 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
-class ConfigError(ValueError):
-    """An environment variable holds a value that cannot be used."""
-
-
-class _Rejected(Exception):
-    """A value breaks its setting's rule; the message says how ("is out of range")."""
-
-
 def _raw(name: str) -> str:
     """The variable's value (its default when unset), without surrounding whitespace."""
     return os.environ.get(name, _BY_NAME[name].default).strip()
-
-
-# -- what each kind accepts, in words -----------------------------------------------------
-
-
-def _number_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _range_text(setting: Setting, noun: str) -> str:
-    """``noun`` with the setting's bounds: "a number from 0.1 to 3600", "... above 0 and at most 1"."""
-    low, high = setting.minimum, setting.maximum
-    if low is not None and high is not None and setting.min_inclusive and setting.max_inclusive:
-        return f"{noun} from {_number_text(low)} to {_number_text(high)}"
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'at least' if setting.min_inclusive else 'above'} {_number_text(low)}")
-    if high is not None:
-        bounds.append(f"{'at most' if setting.max_inclusive else 'below'} {_number_text(high)}")
-    return " ".join([noun, " and ".join(bounds)]).strip()
-
-
-def _one_of(setting: Setting) -> str:
-    return "one of " + ", ".join(str(c) for c in setting.choices)
-
-
-_ACCEPTED: dict[str, Callable[[Setting], str]] = {
-    FLOAT: lambda s: _range_text(s, "a number"),
-    INT: lambda s: _one_of(s) if s.choices else _range_text(s, "an integer"),
-    BOOL: lambda s: "true or false (also 1/0, yes/no, on/off)",
-    CHOICE: lambda s: _one_of(s) + ", in any case",
-    TEXT: lambda s: "one line of text, or empty",
-    HOST: lambda s: "a host name or IP address",
-    EMAIL: lambda s: "an e-mail address (local@domain)",
-    FILE: lambda s: "empty, or the path of a readable file",
-    DIR: lambda s: "the path of a directory (created when missing)",
-    MODULES: lambda s: "empty, or comma-separated Python module names",
-    BROKER_URL: lambda s: f"a {', '.join(f'{x}://' for x in AMQP_SCHEMES[:-1])} or {AMQP_SCHEMES[-1]}:// URL "
-                          "with a host",
-    SENTRY_DSN: lambda s: "empty, or a Sentry DSN: http(s)://key@host/project",
-    TIMEZONE: lambda s: "an IANA time zone name such as UTC or Asia/Shanghai",
-}
-
-
-# -- parsing and checking one value ------------------------------------------------------
-
-
-def _in_range(setting: Setting, value: float) -> bool:
-    low, high = setting.minimum, setting.maximum
-    if low is not None and (value < low if setting.min_inclusive else value <= low):
-        return False
-    return high is None or (value <= high if setting.max_inclusive else value < high)
-
-
-def _parse_float(setting: Setting, raw: str) -> float:
-    """Plain decimal notation only: no nan, inf, underscores or non-ASCII digits."""
-    if not _FLOAT_TEXT.fullmatch(raw):
-        raise _Rejected("is not a finite number" if raw.lower().lstrip("+-") in _NOT_FINITE else "is not a number")
-    value = float(raw)
-    if not math.isfinite(value) or not _in_range(setting, value):  # 1e999 overflows to inf
-        raise _Rejected("is out of range")
-    return value
-
-
-def _parse_int(setting: Setting, raw: str) -> int:
-    """ASCII digits only: no 1_000, 1.0 or non-ASCII digits."""
-    if not _INT_TEXT.fullmatch(raw):
-        raise _Rejected("is not an integer")
-    try:
-        value = int(raw)
-    except ValueError:  # more digits than int() converts
-        raise _Rejected("is out of range") from None
-    if setting.choices and value not in setting.choices:
-        raise _Rejected("is not one of the accepted values")
-    if not _in_range(setting, value):
-        raise _Rejected("is out of range")
-    return value
-
-
-def _parse_bool(setting: Setting, raw: str) -> bool:
-    word = raw.lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise _Rejected("is not a boolean")
-
-
-def _parse_choice(setting: Setting, raw: str) -> str:
-    for choice in setting.choices:
-        if str(choice).lower() == raw.lower():
-            return str(choice)
-    raise _Rejected("is not one of the accepted values")
-
-
-def _parse_host(setting: Setting, raw: str) -> str:
-    if not _HOST_TEXT.fullmatch(raw):
-        raise _Rejected("is not a host name")
-    return raw
-
-
-def _parse_email(setting: Setting, raw: str) -> str:
-    try:
-        address = Address(addr_spec=raw)
-    except (ValueError, IndexError, HeaderParseError):  # email's parser raises all three
-        raise _Rejected("is not an e-mail address") from None
-    if not address.username or not address.domain or address.addr_spec != raw:
-        raise _Rejected("is not an e-mail address")
-    return raw
-
-
-def _parse_file(setting: Setting, raw: str) -> str:
-    if not raw:
-        return ""
-    path = Path(raw)
-    if not path.exists():
-        raise _Rejected("does not exist")
-    if not path.is_file():
-        raise _Rejected("is not a file")
-    if not os.access(path, os.R_OK):
-        raise _Rejected("cannot be read")
-    return raw
-
-
-def _parse_dir(setting: Setting, raw: str) -> Path:
-    if not raw:
-        raise _Rejected("is empty")
-    path = Path(raw)
-    if path.exists() and not path.is_dir():
-        raise _Rejected("is not a directory")
-    return path
-
-
-def _parse_modules(setting: Setting, raw: str) -> tuple[str, ...]:
-    modules = tuple(m.strip() for m in raw.split(",") if m.strip())
-    if not all(part.isidentifier() for module in modules for part in module.split(".")):
-        raise _Rejected("holds a name that is not a Python module name")
-    return modules
-
-
-def _url_parts(raw: str) -> SplitResult:
-    """``raw`` split as a URL whose port, if any, is a number from 0 to 65535."""
-    try:
-        parts = urlsplit(raw)
-    except ValueError:  # e.g. an unclosed [IPv6 address
-        raise _Rejected("is not a valid URL") from None
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
-    except ValueError:
-        raise _Rejected("has a port that is not a number from 0 to 65535") from None
-    return parts
-
-
-def _parse_broker_url(setting: Setting, raw: str) -> str:
-    parts = _url_parts(raw)
-    if "://" not in raw or parts.scheme.lower() not in AMQP_SCHEMES:
-        raise _Rejected("is not an AMQP URL")
-    if not parts.hostname:
-        raise _Rejected("names no host")
-    return raw
-
-
-def _parse_sentry_dsn(setting: Setting, raw: str) -> str:
-    if not raw:
-        return ""
-    parts = _url_parts(raw)
-    project = parts.path.rsplit("/", 1)[-1]
-    if parts.scheme not in ("http", "https") or not parts.username or not parts.hostname \
-            or not re.fullmatch(r"[0-9]+", project):
-        raise _Rejected("is not a Sentry DSN")
-    return raw
-
-
-def _parse_timezone(raw: str) -> str:
-    try:
-        ZoneInfo(raw)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise _Rejected("is not a time zone this machine knows (tzdata)") from None
-    return raw
-
-
-_PARSERS: dict[str, Callable[[Setting, str], Any]] = {
-    FLOAT: _parse_float,
-    INT: _parse_int,
-    BOOL: _parse_bool,
-    CHOICE: _parse_choice,
-    TEXT: lambda setting, raw: raw,
-    HOST: _parse_host,
-    EMAIL: _parse_email,
-    FILE: _parse_file,
-    DIR: _parse_dir,
-    MODULES: _parse_modules,
-    BROKER_URL: _parse_broker_url,
-    SENTRY_DSN: _parse_sentry_dsn,
-    TIMEZONE: lambda setting, raw: _parse_timezone(raw),
-}
-
-
-def _shown(setting: Setting, raw: str) -> str:
-    """The value as an error message shows it: quoted, one line, secrets hidden, not too long."""
-    if setting.kind == BROKER_URL:
-        raw = redact_url(raw)
-    elif setting.kind == SENTRY_DSN:
-        raw = redact_dsn(raw)
-    if len(raw) > _SHOWN_CHARS:
-        raw = raw[:_SHOWN_CHARS] + "..."
-    return repr(raw)
-
-
-def parse(setting: Setting, raw: str) -> Any:
-    """``raw`` checked against ``setting``'s rule and converted (float, int, bool, Path, ...).
-
-    Raises ConfigError, one line naming the variable, the value and what is accepted.
-    """
-    try:
-        if not raw.isprintable():
-            raise _Rejected("holds a line break or another unprintable character")
-        return _PARSERS[setting.kind](setting, raw)
-    except _Rejected as exc:
-        default = f"the default is {setting.default}" if setting.default else "the default is empty"
-        raise ConfigError(f"{setting.name}={_shown(setting, raw)} {exc}; accepted: {setting.accepted()} "
-                          f"({default}).") from None
 
 
 # -- the whole configuration --------------------------------------------------------------
@@ -512,12 +275,8 @@ def _with_password_file(url: str, path: str) -> str:
     """``url`` with the password of KIT_BROKER_PASSWORD_FILE (``path``), when one is set."""
     if not path:
         return url
-    try:
-        password = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"KIT_BROKER_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}.") from None
-    if not password:
-        raise ConfigError(f"KIT_BROKER_PASSWORD_FILE={path!r} is empty; it must hold the broker password.")
+    password = read_secret(path, unreadable=f"KIT_BROKER_PASSWORD_FILE={path!r} cannot be read: {{error}}.",
+                           empty=f"KIT_BROKER_PASSWORD_FILE={path!r} is empty; it must hold the broker password.")
     scheme, rest = url.split("://", 1)
     if "@" not in rest:
         raise ConfigError("KIT_BROKER_PASSWORD_FILE is set but KIT_BROKER_URL names no user (user@host).")
@@ -545,6 +304,9 @@ class Settings:
     broker_url: str
     broker_ssl: dict[str, Any] | None
     declare_topology: bool
+    admin_url: str
+    admin_user: str
+    admin_password_file: str
     connect_timeout: float
     publish_timeout: float
     max_payload_bytes: int
@@ -591,6 +353,9 @@ def load() -> Settings:
         broker_url=url,
         broker_ssl=_broker_ssl(url, v),
         declare_topology=v["KIT_DECLARE_TOPOLOGY"],
+        admin_url=v["KIT_ADMIN_URL"],
+        admin_user=v["KIT_ADMIN_USER"],
+        admin_password_file=v["KIT_ADMIN_PASSWORD_FILE"],
         connect_timeout=v["KIT_CONNECT_TIMEOUT"],
         publish_timeout=v["KIT_PUBLISH_TIMEOUT"],
         max_payload_bytes=v["KIT_MAX_PAYLOAD_BYTES"],
@@ -626,18 +391,3 @@ def load() -> Settings:
     )
 
 
-def redact_url(url: str) -> str:
-    """Hide the password of a URL for messages and logs."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
-
-
-def redact_dsn(dsn: str) -> str:
-    """Hide the key of a Sentry DSN for messages and logs."""
-    if "://" not in dsn or "@" not in dsn:
-        return dsn
-    return dsn.split("://", 1)[0] + "://***@" + dsn.rsplit("@", 1)[1]

@@ -20,12 +20,11 @@ from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 from service import queues
-from service.broker import declare_topology_enabled
 from service.connection import connect, user_and_vhost
 from service.errors import KitError, StartupError
 from service.settings import ConfigError, Settings, load
 
-#: Exit status of a worker or beat that cannot start (the command line's too, service.cli_errors).
+#: Exit status of a worker or beat that cannot start (the command line's too, service.cli.base).
 EXIT_STARTUP = 2
 #: Missing exchanges and queues named in the message; the rest are counted.
 _NAMED = 3
@@ -53,7 +52,7 @@ def check_worker(queue_names: Iterable[str] | None, settings: Settings | None = 
     settings = settings or load()
     conn = connect(settings)
     try:
-        if declare_topology_enabled():
+        if settings.declare_topology:
             from service.topology import declare
 
             declare(conn)

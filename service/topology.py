@@ -5,7 +5,8 @@ queue, nor the ``alternate-exchange`` of an existing exchange: it answers
 PRECONDITION_FAILED, which is turned here into a TopologyConflict that names
 the queue or exchange, the argument, both values and the fix.
 A user without the rights to declare gets a BrokerRefused naming the right.
-``connect`` (from service.connection) opens the connection these work on.
+``connect`` (from service.connection) opens the connection these work on;
+``declare_on(settings)`` connects, declares and closes in one call.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from kombu import Connection
 
 from service import queues
 from service.connection import connect, permission_refused
-from service.errors import TopologyConflict
+from service.errors import KitError
+from service.settings import Settings
 
-__all__ = ["Drift", "connect", "declare", "exchange_fix", "missing", "verify"]
+__all__ = ["Drift", "TopologyConflict", "connect", "declare", "declare_on", "exchange_fix", "missing", "verify"]
 
 #: What a declare needs: configure on the exchange or queue declared.
 _DECLARE_RIGHTS = {"exchange": "configure", "queue": "configure"}
@@ -69,6 +71,22 @@ class Drift:
         if self.kind == "exchange":
             text += f". {exchange_fix(self.name, self.vhost)}"
         return text
+
+
+class TopologyConflict(KitError):
+    """A live queue or exchange was declared with other arguments than the code wants."""
+
+    def __init__(self, drift: Drift) -> None:
+        self.drift = drift
+        super().__init__(
+            f"{drift.kind} {drift.name!r} already exists on the broker with "
+            f"{drift.argument}={drift.live}, but service/queues.py wants "
+            f"{drift.argument}={drift.wanted}. RabbitMQ cannot change a {drift.kind}'s "
+            f"arguments in place. To fix it: stop the workers of this {drift.kind}, move "
+            f"or drain its messages, delete it (rabbitmqctl delete_{drift.kind} "
+            f"{drift.name} -p <vhost>; queues only, exchanges via the management UI), "
+            "then run `python -m service topology declare`."
+        )
 
 
 def exchange_fix(name: str, vhost: str = "") -> str:
@@ -183,6 +201,15 @@ def declare(conn: Connection) -> None:
         raise permission_refused(exc, "declaring the topology", _DECLARE_RIGHTS, _DECLARE_ADVICE) from None
     finally:
         _close_quietly(channel)
+
+
+def declare_on(settings: Settings) -> None:
+    """Connect with ``settings``, declare the whole topology (``declare``) and close the connection."""
+    conn = connect(settings)
+    try:
+        declare(conn)
+    finally:
+        conn.release()
 
 
 def verify(conn: Connection) -> list[Drift]:

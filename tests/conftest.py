@@ -1,4 +1,11 @@
-"""Fixtures: a fresh vhost per test, its environment, workers that stop themselves."""
+"""Fixtures: a fresh vhost per test, its environment, workers that stop themselves.
+
+Every test that needs a broker carries the ``broker`` marker, so ``pytest -m
+"not broker"`` runs the pure ones in seconds without RabbitMQ. A test gets it
+from using one of BROKER_FIXTURES (``pytest_collection_modifyitems`` below), or
+from ``pytestmark = pytest.mark.broker`` in a module whose tests reach the
+broker, or start its processes, without those fixtures.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,18 @@ from pathlib import Path
 import pytest
 
 from service.settings import load
-from service.topology import connect, declare
-from tests.support import REPO, Vhost, Worker, sweep_stale_vhosts
+from service.topology import declare_on
+from tests.helpers import REPO, Vhost, Worker, sweep_stale_vhosts
+
+#: Fixtures that need the broker: a test using any of them is marked ``broker``.
+BROKER_FIXTURES = frozenset({"vhost", "kit_env", "topology", "start_worker"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a broker fixture with ``broker``."""
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,11 +73,7 @@ def kit_env(vhost: Vhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
 @pytest.fixture
 def topology(kit_env: dict[str, str]) -> None:
     """The kit's topology declared in the test's vhost."""
-    conn = connect(load())
-    try:
-        declare(conn)
-    finally:
-        conn.release()
+    declare_on(load())
 
 
 @pytest.fixture

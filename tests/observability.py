@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO, spawn, wait_until
+from tests.helpers import REPO, spawn, wait_until
 
 EXPORTER_PYTHON = REPO / ".venv-exporter" / "bin" / "python"
 

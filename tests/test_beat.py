@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.support import running_beat, wait_until
+from tests.helpers import running_beat, wait_until
 
 
 def test_beat_schedules_the_report_cleanup(kit_env, monkeypatch, start_worker, tmp_path):

@@ -19,8 +19,8 @@ from celery import Celery
 from service.app import make_app
 from service.client import Publisher
 from service.errors import InvalidTaskInput
+from tests.helpers import REPO, running_beat, spawn, wait_until
 from tests.observability import free_port
-from tests.support import REPO, running_beat, spawn, wait_until
 from tests.worker_tasks import recorded
 
 
@@ -150,10 +150,10 @@ def test_celery_settings_that_disagree_with_the_kit_stop_the_worker(kit_env, top
 
 
 def test_a_celery_broker_url_equal_to_the_kit_one_is_fine(kit_env):
-    from service.app import _one_source_of_configuration
+    from service.app import check_one_source_of_configuration
     from service.settings import load
 
     settings = load()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CELERY_BROKER_URL", kit_env["KIT_BROKER_URL"])
-        _one_source_of_configuration(settings)  # does not raise
+        check_one_source_of_configuration(settings)  # does not raise

@@ -11,7 +11,7 @@ import pytest
 from service.client import Publisher, publish
 from service.errors import BrokerUnavailable, PublishError
 from service.settings import load
-from tests.support import rabbitmqctl
+from tests.helpers import rabbitmqctl
 
 
 def test_publish_returns_after_the_message_is_queued(vhost, topology):

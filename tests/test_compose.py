@@ -1,6 +1,6 @@
 """docker-compose.yml without a Docker engine: Debian's docker-compose validates it,
 every file it mounts exists and passes its own validator (promtool, amtool,
-JSON, YAML), and the local stack (service/stack.py) runs the same commands with
+JSON, YAML), and the local stack (service/stack/) runs the same commands with
 the same configuration, read from it. Needs docker-compose, promtool and amtool
 (scripts/install.sh); no broker.
 """
@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from service import broker, compose, queues
+from service import broker, queues
 from service import stack as local
 from service.monitoring import alertmanager_config
 from service.settings import SETTINGS
-from tests.support import REPO
+from service.stack import compose, files
+from tests.helpers import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
 HARD_TIME_LIMIT_DEFAULT = float(next(s.default for s in SETTINGS if s.name == "KIT_HARD_TIME_LIMIT"))
@@ -74,7 +75,7 @@ def prepared_stack(state_dir: Path, options: local.Options) -> local.Stack:
     """The local stack of a fresh state directory, its files written."""
     made = local.Stack(state_dir, options, environ={"PATH": os.environ["PATH"]})
     made.secrets_dir.mkdir(parents=True)
-    made.prepare_files()
+    files.prepare_files(made)
     return made
 
 

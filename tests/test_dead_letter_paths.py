@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from service import headers as h
 from service.client import Publisher
-from tests.support import wait_until
+from tests.helpers import wait_until
 from tests.worker_tasks import recorded
 
 

@@ -29,12 +29,11 @@ import pytest
 from service import deadletters as dl
 from service import headers as h
 from service.client import Publisher
-from service.dlq_archive import EXPORT_FORMAT
-from service.dlq_filters import Filters
+from service.deadletters import EXPORT_FORMAT, Filters
 from service.publishing import ConfirmedChannel, Outgoing
 from service.settings import load
 from service.topology import connect
-from tests.support import REPO, Vhost, wait_until
+from tests.helpers import REPO, Vhost, wait_until
 from tests.worker_tasks import recorded
 
 DEAD = {"urgent": "urgent.dead", "default": "default.dead", "bulk": "bulk.dead"}
@@ -760,14 +759,14 @@ _KILL_BEFORE_SECOND_REMOVAL = """
 import os, signal, sys
 from service import deadletters as dl
 acks = 0
-real_ack = dl._Walk.ack
+real_ack = dl.Walk.ack
 def ack(self, letter):
     global acks
     acks += 1
     if acks == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     real_ack(self, letter)
-dl._Walk.ack = ack
+dl.Walk.ack = ack
 from service.cli import main
 main(args=["dlq", *sys.argv[1:]], prog_name="python -m service")
 """
@@ -819,7 +818,7 @@ def test_a_second_replay_of_the_same_queue_is_refused(vhost, kit_env, topology, 
         conn = connect(load())
         try:
             with pytest.raises(dl.QueueBusy, match="another replay"):
-                dl._lock(conn, "default.dead")
+                dl.hold(conn, "default.dead")
         finally:
             conn.release()
         assert first.poll() is None

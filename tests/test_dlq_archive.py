@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.dlq_archive import EXPORT_FORMAT, from_jsonable, read_archive, to_jsonable
-from service.errors import DeadLetterError
+from service.deadletters import EXPORT_FORMAT, DeadLetterError, from_jsonable, read_archive, to_jsonable
 
 
 def test_header_values_json_lacks_come_back_as_the_same_types():

@@ -28,7 +28,7 @@ from aiosmtpd.controller import Controller
 from service import headers as h
 from service import queues
 from service.client import Publisher
-from tests.support import wait_until
+from tests.helpers import wait_until
 
 # -- helpers ----------------------------------------------------------------------
 

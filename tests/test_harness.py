@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, STALE_VHOST_AGE, Vhost, management, sweep_stale_vhosts, wait_until
+from tests.helpers import REPO, STALE_VHOST_AGE, Vhost, management, sweep_stale_vhosts, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -29,7 +29,7 @@ def test_processes_spawned_by_a_killed_run_end_with_it():
     run = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from tests.support import spawn\n"
+         "from tests.helpers import spawn\n"
          "child = spawn(['sleep', '600'])\n"
          "print(child.pid, flush=True)\n"
          "time.sleep(600)\n"],
@@ -50,6 +50,7 @@ def test_processes_spawned_by_a_killed_run_end_with_it():
             os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.broker
 def test_sweep_removes_only_stale_test_vhosts():
     old, fresh = Vhost(created=time.time() - STALE_VHOST_AGE - 60), Vhost()
     try:

@@ -26,8 +26,8 @@ from kombu import Exchange, Queue
 from service import headers as h
 from service import queues
 from service.client import Publisher, TaskRequest, build_message
+from tests.helpers import REPO, Vhost, rabbitmqctl, wait_until
 from tests.observability import free_port
-from tests.support import REPO, Vhost, rabbitmqctl, wait_until
 from tests.worker_tasks import recorded
 
 # -- publishing raw messages -----------------------------------------------------------------

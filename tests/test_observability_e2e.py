@@ -25,9 +25,12 @@ from service.client import Publisher, TaskRequest
 from service.monitoring import alertmanager_config, timescale
 from service.settings import load
 from service.stack import VHOST_TARGET_LABEL
-from service.topology import connect, declare
+from service.topology import declare_on
+from tests.helpers import REPO, Vhost, Worker, wait_until
 from tests.observability import Exporter, Process, Prometheus, WebhookReceiver, free_port
-from tests.support import REPO, Vhost, Worker, wait_until
+
+#: A real stack on the broker: workers, Prometheus, Alertmanager (module fixture, not `vhost`).
+pytestmark = pytest.mark.broker
 
 # celery-exporter answers a scrape in about 2 s (it asks the workers over the
 # broker), so drills scrape every 3 s and no window gets shorter than 2 scrapes.
@@ -55,11 +58,7 @@ class Stack:
             "PYTHONPATH": str(REPO),
         })
         os.environ["KIT_BROKER_URL"] = self.vhost.url
-        conn = connect(load())
-        try:
-            declare(conn)
-        finally:
-            conn.release()
+        declare_on(load())
         self.workers: dict[str, Worker] = {}
         self.metrics_ports = {"urgent": free_port(), "default": free_port()}
         self.start_worker("urgent")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.client import Publisher, TaskRequest
-from tests.support import wait_until
+from tests.helpers import wait_until
 from tests.worker_tasks import recorded
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from service import queues
 from service.client import Publisher, TaskRequest
-from tests.support import rabbitmqctl, wait_until
+from tests.helpers import rabbitmqctl, wait_until
 from tests.worker_tasks import recorded
 
 

@@ -24,7 +24,7 @@ import pytest
 from service import headers as h
 from service import queues
 from service.client import Publisher
-from tests.support import REPO, wait_until
+from tests.helpers import REPO, wait_until
 from tests.worker_tasks import recorded
 
 #: Seconds a retry may arrive after its wait tier ran out, on a loaded machine.

@@ -38,7 +38,7 @@ from service import headers as h
 from service.errors import BrokerUnavailable, PublishError
 from service.settings import ConfigError, load
 from service.topology import connect, verify
-from tests.support import (
+from tests.helpers import (
     ADMIN_PASSWORD,
     ADMIN_USER,
     AMQP_HOST,
@@ -321,13 +321,9 @@ def test_publisher_rights_an_unroutable_task_needs_checked_with_throwaway_users(
     creating an exchange with an alternate exchange is checked: configure and
     read on it, write on the alternate exchange (the admin does that).
     """
-    from service.topology import declare
+    from service.topology import declare_on
 
-    conn = connect(replace(load(), broker_url=vhost.url))
-    try:
-        declare(conn)
-    finally:
-        conn.release()
+    declare_on(replace(load(), broker_url=vhost.url))
     vname = quote(vhost.name, safe="")
     made = []
 
@@ -660,7 +656,7 @@ def test_least_privilege_settings_are_documented():
 
     [setting] = [s for s in SETTINGS if s.name == "KIT_DECLARE_TOPOLOGY"]
     assert setting.default == "true"
-    doc = (REPO / "deploy" / "rabbitmq" / "definitions-README.md").read_text()
+    doc = (REPO / "deploy" / "rabbitmq" / "README.md").read_text()
     for role in broker.ROLES:
         assert f"`{broker.SECRET_FILE.format(role=role)}`" in doc
         for regex in broker.PERMISSIONS[role].values():
@@ -900,12 +896,13 @@ _SECRET_PATH = re.compile(r"(?:^|/)(?:secrets?/|\.env$|id_(?:rsa|dsa|ecdsa|ed255
 ALLOWED: tuple[tuple[str, str, str, str], ...] = (
     # tests/ and bench/ talk to the throwaway local broker of scripts/broker.sh: a
     # Debian RabbitMQ whose default guest/guest administrator can only log in over
-    # loopback. tests/support.py uses it as the tests' admin (KIT_TEST_ADMIN_USER and
+    # loopback. harness/broker.py uses it as the tests' admin (KIT_TEST_ADMIN_USER and
     # KIT_TEST_ADMIN_PASSWORD override it), and a few tests put it in URLs to ports
     # where nothing listens. Default passwords are findings only in what ships
     # (service/, deploy/, scripts/, docs/, docker-compose.yml, Dockerfile, README).
     ("tests/", "default-*", "", "the test-only loopback broker's guest"),
     ("bench/", "default-*", "", "benchmarks run against the same test broker"),
+    ("harness/", "default-*", "", "the sandbox of tests/ and bench/ on that broker"),
     # A made-up password with @, / and : in it, to test how broker URLs are quoted.
     ("tests/test_compose.py", "url-with-password", "p%40ss%2Fw%3Ard", "made-up, tests URL quoting"),
 )
@@ -1006,7 +1003,7 @@ def test_the_scanner_finds_what_it_should():
         ("deploy/a.yml", "smtp_auth_password_file: /run/secrets/alertmanager_smtp_password"),
         ("service/x.py", 'SECRET_FILE = "rabbitmq_{role}_password"'),
         ("service/x.py", "password = Path(path).read_text().strip()"),
-        ("tests/support.py", 'ADMIN_PASSWORD = os.environ.get("KIT_TEST_ADMIN_PASSWORD", "gu' + 'est")'),
+        ("harness/broker.py", 'ADMIN_PASSWORD = os.environ.get("KIT_TEST_ADMIN_PASSWORD", "gu' + 'est")'),
         ("tests/x.py", 'BROKER_DOWN_URL = "pyamqp://guest:' + 'guest@127.0.0.1:1//"'),
         ("service/x.py", "return f\"{scheme}://{user}:***@{host}\""),
         ("docker-compose.yml", "    secrets: [rabbitmq_worker_password]"),

@@ -29,7 +29,7 @@ from celery.schedules import schedule as celery_schedule
 from service import headers as h
 from service.client import Publisher, TaskRequest
 from service.monitoring import sentry
-from tests.support import REPO, running_beat, wait_until
+from tests.helpers import REPO, running_beat, wait_until
 from tests.worker_tasks import recorded
 
 SECRET_TASK = "test.secret_arguments"

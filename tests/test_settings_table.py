@@ -21,10 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 from service import queues
-from service.broker import declare_topology_enabled
 from service.cli import main, markdown_table
 from service.settings import FLOAT, INT, SETTINGS, ConfigError, Setting, load, redact_dsn, validate
-from tests.support import REPO
+from tests.helpers import REPO
 
 #: Placeholders in the table, replaced by paths made for each test.
 FILE, MISSING, DIRECTORY, EMPTY_FILE = "{file}", "{missing}", "{dir}", "{empty}"
@@ -72,6 +71,11 @@ CASES: dict[str, Case] = {
     "KIT_BROKER_CLIENT_CERT_FILE": OPTIONAL_FILE,
     "KIT_BROKER_CLIENT_KEY_FILE": OPTIONAL_FILE,
     "KIT_DECLARE_TOPOLOGY": BOOLEAN,
+    "KIT_ADMIN_URL": Case("an http:// or https:// URL with a host and no credentials",
+                          ("", "ftp://h:15672", "h:15672", "http://", "http://h:99999", "http://kit:pw@h:15672"),
+                          ("http://127.0.0.1:15672", "https://rabbit.example", "HTTP://[::1]:15672/")),
+    "KIT_ADMIN_USER": Case("one line of text, not empty", ("", "a\nb"), ("kit-admin", "guest", "kit test")),
+    "KIT_ADMIN_PASSWORD_FILE": OPTIONAL_FILE,
     "KIT_CONNECT_TIMEOUT": TIMEOUT,
     "KIT_PUBLISH_TIMEOUT": TIMEOUT,
     "KIT_MAX_PAYLOAD_BYTES": number("an integer from 1 to 134217728", ("134217729", "1.5", "1e3"),
@@ -240,10 +244,10 @@ def test_an_empty_password_file_is_refused(clean_env, monkeypatch):
 
 def test_declare_topology_comes_from_the_validated_settings(clean_env, monkeypatch):
     monkeypatch.setenv("KIT_DECLARE_TOPOLOGY", "off")
-    assert declare_topology_enabled() is False
+    assert load().declare_topology is False
     monkeypatch.setenv("KIT_DECLARE_TOPOLOGY", "maybe")
     with pytest.raises(ConfigError, match="KIT_DECLARE_TOPOLOGY='maybe' is not a boolean"):
-        declare_topology_enabled()
+        load().declare_topology  # noqa: B018 - load() raises
 
 
 def test_a_long_value_is_cut_in_the_message(clean_env, monkeypatch):

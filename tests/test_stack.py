@@ -25,9 +25,8 @@ from pathlib import Path
 import pytest
 
 from service import stack as local
-from service import stack_processes
-from tests.observability import http_json
-from tests.support import (
+from service.stack import processes
+from tests.helpers import (
     ADMIN_PASSWORD,
     ADMIN_USER,
     AMQP_HOST,
@@ -41,6 +40,10 @@ from tests.support import (
     wait_for_run,
     wait_until,
 )
+from tests.observability import http_json
+
+#: `stack up` against the local broker.
+pytestmark = pytest.mark.broker
 
 JOBS = ("rabbitmq", "celery-exporter", "kit-workers")
 
@@ -175,7 +178,7 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
         for name in first:
             assert re.search(rf"^{name}\s+stopped$", down.stdout, re.M), down.stdout
         for pid in first.values():
-            wait_until(lambda pid=pid: stack_processes._start_time(pid) is None, 10, f"pid {pid} to exit")
+            wait_until(lambda pid=pid: processes.start_time(pid) is None, 10, f"pid {pid} to exit")
         (running.state_dir / "run" / "demo.pid").write_text(f"{bystander.pid} 1\n")
         again_down = running.cli("down")
         assert re.search(r"^demo\s+not running$", again_down.stdout, re.M), again_down.stdout

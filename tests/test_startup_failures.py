@@ -30,8 +30,7 @@ from service import broker, queues
 from service.client import Publisher
 from service.errors import BrokerRefused
 from service.settings import load
-from tests.observability import EXPORTER_PYTHON
-from tests.support import (
+from tests.helpers import (
     ADMIN_PASSWORD,
     ADMIN_USER,
     AMQP_HOST,
@@ -43,6 +42,7 @@ from tests.support import (
     rabbitmqctl,
     wait_until,
 )
+from tests.observability import EXPORTER_PYTHON
 from tests.worker_tasks import recorded
 
 #: KIT_CONNECT_TIMEOUT and KIT_PUBLISH_TIMEOUT of the cases that must not wait for them.

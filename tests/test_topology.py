@@ -8,10 +8,9 @@ import sys
 import pytest
 
 from service import queues
-from service.errors import TopologyConflict
 from service.settings import load
-from service.topology import connect, declare, verify
-from tests.support import REPO
+from service.topology import TopologyConflict, connect, declare, verify
+from tests.helpers import REPO
 
 
 def run_cli(env, *args):

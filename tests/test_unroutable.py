@@ -26,7 +26,7 @@ from service.celery_settings import publisher_settings
 from service.client import Publisher
 from service.settings import load
 from service.topology import connect, verify
-from tests.support import (
+from tests.helpers import (
     ADMIN_PASSWORD,
     ADMIN_USER,
     MANAGEMENT_URL,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,12 @@ from rich.table import Table
 
 from service import deadletters as dl
 from service import queues
-from service.cli_errors import friendly_errors
-from service.dlq_archive import read_archive
-from service.dlq_filters import Filters, parse_moment
-from service.errors import DeadLetterError
-from service.settings import Settings, load
-
-EXIT_PARTIAL = 1
+from service.cli.base import EXIT_FAILED, connected, friendly_errors
+from service.deadletters import DeadLetterError, Filters, parse_moment, read_archive
+from service.settings import load
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, highlight=False)
-
-
 
 
 def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -68,17 +61,6 @@ def _filters(kwargs: dict[str, Any]) -> Filters:
                       ids=kwargs.pop("ids"), since=kwargs.pop("since"), until=kwargs.pop("until"))
 
 
-@contextmanager
-def _connection(settings: Settings) -> Iterator[Any]:
-    from service.topology import connect
-
-    conn = connect(settings)
-    try:
-        yield conn
-    finally:
-        conn.release()
-
-
 def _json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -103,7 +85,7 @@ def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
     unroutable.dead (tasks no work queue was bound for) also by routing key.
     """
     names = dl.resolve_queues(queue_names)
-    with _connection(load()) as conn:
+    with connected(load()) as conn:
         results = [dl.stats(conn, name) for name in names]
     if as_json:
         _json(results)
@@ -126,7 +108,7 @@ def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwar
     filters = _filters(kwargs)
     rows: list[dict[str, Any]] = []
     names = dl.resolve_queues(queue_names)
-    with _connection(load()) as conn:
+    with connected(load()) as conn:
         busy = [name for name in names if dl.is_busy(conn, name)]
         for name in names:
             rows += [dict(letter.summary(), queue=name) for letter in dl.browse(conn, name, filters)]
@@ -157,7 +139,7 @@ def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwar
 @friendly_errors
 def show(letter_id: str, queue_names: tuple[str, ...], hide_args: bool, as_json: bool) -> None:
     """Everything about one dead letter: reason, traceback, arguments, headers, x-death history."""
-    with _connection(load()) as conn:
+    with connected(load()) as conn:
         letter = dl.find(conn, dl.resolve_queues(queue_names), letter_id)
     info = letter.details(show_args=not hide_args)
     if as_json:
@@ -240,7 +222,7 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
     listed: list[dict[str, Any]] = []
     over_budget = 0
     homeless: list[dl.DeadLetter] = []
-    with _connection(settings) as conn:
+    with connected(settings) as conn:
         for name in dl.resolve_queues(queue_names):
             remaining = None if limit is None else limit - totals["taken"] - totals["refused"]
             if remaining is not None and remaining <= 0:
@@ -283,7 +265,7 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
                        f"key {keys} is none of {', '.join(queues.WORK_QUEUE_NAMES)}); replay them with "
                        "--to QUEUE, e.g. `dlq replay --queue unroutable --to default`", err=True)
     if totals["failed"]:
-        sys.exit(EXIT_PARTIAL)
+        sys.exit(EXIT_FAILED)  # a replay that failed part-way: the rest stays where it was
 
 
 @dlq.command()
@@ -297,7 +279,7 @@ def purge(queue_names: tuple[str, ...], limit: int | None, archive: Path | None,
     filters = _filters(kwargs)
     settings = load()
     names = dl.resolve_queues(queue_names)
-    with _connection(settings) as conn:
+    with connected(settings) as conn:
         held = []
         try:
             for name in names:  # lock first, so the count is what will be purged
@@ -353,7 +335,7 @@ def export(queue_names: tuple[str, ...], limit: int | None, output: str, **kwarg
     filters = _filters(kwargs)
     written = 0
     names = dl.resolve_queues(queue_names)
-    with _connection(load()) as conn:
+    with connected(load()) as conn:
         stream = sys.stdout if output == "-" else _open_for_writing(output, "w")
         try:
             for name in names:
@@ -377,6 +359,6 @@ def import_(archive: Path, queue_name: str | None) -> None:
     settings = load()
     target = dl.resolve_queues([queue_name])[0] if queue_name else None
     records = read_archive(archive)
-    with _connection(settings) as conn:
+    with connected(settings) as conn:
         count = dl.import_records(conn, settings, records, target)
     click.echo(f"imported {count} dead letter(s) from {archive}")

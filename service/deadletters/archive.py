@@ -12,52 +12,15 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from service import headers as h
 from service import queues
-from service.errors import DeadLetterError
-
-if TYPE_CHECKING:
-    from service.deadletters import DeadLetter
+from service.deadletters.letter import DeadLetter, DeadLetterError, from_jsonable, to_jsonable
 
 #: The ``format`` of every archive record; a reader refuses any other.
 EXPORT_FORMAT = "celery-rabbitmq-kit/dead-letter/v1"
-
-
-def to_jsonable(value: Any) -> Any:
-    """AMQP header values as JSON, with tags for the types JSON lacks (round-trips)."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return {"$datetime": value.isoformat()}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, Decimal):
-        return {"$decimal": str(value)}
-    return value
-
-
-def from_jsonable(value: Any) -> Any:
-    """The inverse of ``to_jsonable``."""
-    if isinstance(value, dict):
-        if len(value) == 1:
-            (key, inner), = value.items()
-            if key == "$datetime":
-                return datetime.fromisoformat(inner)
-            if key == "$bytes":
-                return base64.b64decode(inner)
-            if key == "$decimal":
-                return Decimal(inner)
-        return {k: from_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_jsonable(v) for v in value]
-    return value
 
 
 def export_record(letter: DeadLetter) -> dict[str, Any]:

@@ -6,18 +6,8 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
-from service.errors import DeadLetterError
-
-if TYPE_CHECKING:
-    from service.deadletters import DeadLetter
-
-
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` with a time zone: UTC when it has none."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
+from service.deadletters.letter import DeadLetter, DeadLetterError, as_utc
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

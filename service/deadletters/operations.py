@@ -1,42 +1,24 @@
-"""Dead-letter operations: look at, replay, purge, export and import dead letters.
-
-Which dead letters an operation takes is ``service.dlq_filters``; the archive
-format of export, import and purge --archive is ``service.dlq_archive``.
-
-Every operation reads a dead-letter queue by consuming it WITHOUT acking. A
-message the operation does not take is held unacked until the end and then
-returned with ``basic.nack(requeue)``; RabbitMQ puts requeued messages back at
-their original positions, so listing changes nothing, and a replay or purge
-leaves the messages it skips where they were, in their order.
+"""Dead-letter operations: browse, stats, replay, purge, export and import.
 
 A message that is taken is first republished (replay) or written to the
 archive file (purge --archive), and only acked once the broker confirmed it /
 the file was synced. Killing the process at any moment therefore loses
-nothing: unacked messages return to the queue, and at worst one message that
-was already republished is replayed again.
+nothing: unacked messages return to the queue (``reader.Walk``), and at worst
+one message that was already republished is replayed again. Replay and purge
+hold the queue's lock (``reader.hold``) while they work.
 
-Two replays or purges of one queue cannot run at once: each holds an
-exclusive "lock" queue on its connection (released by the broker when the
-connection goes, also on kill -9); a second one is refused with a message.
-
-``unroutable.dead`` (queues.UNROUTABLE_QUEUE) is handled like the dead-letter
-queues. Its messages were published to the task exchange with a routing key no
-work queue is bound to; they carry no kit-* headers, so their reason
-(``unroutable``) and explanation come from the queue and the routing key they
-were delivered with. A replay puts one back on the work queue its routing key
+A replay puts an unroutable message back on the work queue its routing key
 names, if that is one; the others need ``to=``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import amqp
@@ -44,307 +26,26 @@ from kombu import Connection
 
 from service import headers as h
 from service import queues
-from service.dlq_archive import export_record, to_jsonable
-from service.dlq_filters import Filters, as_utc
-from service.errors import DeadLetterError, KitError
+from service.deadletters.archive import export_record
+from service.deadletters.filters import Filters
+from service.deadletters.letter import DeadLetter, DeadLetterError, work_queue_of
+from service.deadletters.reader import Walk, hold, release
+from service.errors import KitError
 from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings
 
-#: Headers a replay removes, so the task starts over with a fresh retry budget.
-_RESET_ON_REPLAY = (h.WORKER_LOST, h.WAITS, h.RETRY_RULE, queues.WAIT_HEADER, "x-death", "x-first-death-exchange",
-                    "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange",
-                    "x-last-death-queue", "x-last-death-reason")
+#: Headers a replay removes (headers.RESET_ON_REPLAY and the wait queue's routing header).
+_RESET_ON_REPLAY = (*h.RESET_ON_REPLAY, queues.WAIT_HEADER)
 #: Purges and imports confirm (or sync) this many messages at a time.
 BATCH = 200
 #: A replay republishes and confirms one message before acking it, so killing
 #: it duplicates at most one message. ``batch`` trades that for speed.
 REPLAY_BATCH = 1
-#: The reason of every message in queues.UNROUTABLE_QUEUE (none carries a kit-reason header).
-REASON_UNROUTABLE = "unroutable"
-
-
-class QueueBusy(DeadLetterError):
-    """Another replay, purge or import holds the queue."""
-
-
-# -- reading ------------------------------------------------------------------------
-
-
-@dataclass
-class DeadLetter:
-    """One message of a dead-letter queue, with what the kit knows about why it died."""
-
-    queue: str
-    position: int
-    body: bytes
-    headers: dict[str, Any]
-    properties: dict[str, Any]
-    delivery_tag: int = 0
-    #: The routing key and exchange it was delivered with: for a dead letter its work
-    #: queue and tasks.dead, for an unroutable message the key it was published with.
-    routing_key: str = ""
-    exchange: str = ""
-
-    @property
-    def unroutable(self) -> bool:
-        """True for a message of queues.UNROUTABLE_QUEUE."""
-        return self.queue == queues.UNROUTABLE_QUEUE
-
-    @property
-    def id(self) -> str:
-        """The Celery task id, else the message's own id, else a hash of the body."""
-        for value in (self.headers.get("id"), self.properties.get("message_id"),
-                      self.properties.get("correlation_id")):
-            if value:
-                return str(value)
-        return "sha1:" + hashlib.sha1(self.body).hexdigest()[:16]  # noqa: S324 - an identifier, not security
-
-    @property
-    def task(self) -> str:
-        return str(self.headers.get("task") or "")
-
-    @property
-    def reason(self) -> str:
-        """The kit's reason, or RabbitMQ's own (x-death) for broker dead-lettering.
-
-        ``unroutable`` for every message of queues.UNROUTABLE_QUEUE: that is why
-        it is there, whatever headers it carries from an earlier life.
-        """
-        if self.unroutable:
-            return REASON_UNROUTABLE
-        if self.headers.get(h.REASON):
-            return str(self.headers[h.REASON])
-        death = self._last_death()
-        return f"broker-{death.get('reason')}" if death else "unknown"
-
-    @property
-    def exception_type(self) -> str:
-        return str(self.headers.get(h.EXCEPTION_TYPE) or "")
-
-    @property
-    def exception_message(self) -> str:
-        if self.unroutable:
-            return (f"no work queue is bound to routing key {self.routing_key!r} on exchange "
-                    f"{self.published_to!r}; the work queues are {', '.join(queues.WORK_QUEUE_NAMES)}")
-        return str(self.headers.get(h.EXCEPTION_MESSAGE) or "")
-
-    @property
-    def published_to(self) -> str:
-        """The exchange it was published to: for an unroutable message, the one whose
-        alternate exchange parked it (an imported one is delivered by that alternate exchange)."""
-        if self.unroutable and self.exchange in ("", queues.UNROUTABLE_EXCHANGE):
-            return queues.TASK_EXCHANGE
-        return self.exchange
-
-    @property
-    def attempts(self) -> int:
-        value = self.headers.get(h.ATTEMPTS)
-        if value is not None and h.count(value):
-            return h.count(value)
-        return h.count(self.headers.get("retries")) + 1
-
-    @property
-    def replays(self) -> int:
-        return h.count(self.headers.get(h.REPLAYS))
-
-    @property
-    def source_queue(self) -> str:
-        """The work queue to put it back on; "" for an unroutable message whose routing key
-        names no work queue (it has none: a replay needs ``to``)."""
-        if self.unroutable:
-            return self.routing_key if self.routing_key in queues.WORK_QUEUE_NAMES else ""
-        source = self.headers.get(h.SOURCE_QUEUE)
-        if source in queues.WORK_QUEUE_NAMES:
-            return str(source)
-        death = self._last_death()
-        if death and death.get("queue") in queues.WORK_QUEUE_NAMES:
-            return str(death["queue"])
-        return work_queue_of(self.queue)
-
-    @property
-    def died_at(self) -> datetime | None:
-        """When it was dead-lettered (UTC), from the kit's header or RabbitMQ's x-death."""
-        value = self.headers.get(h.DEAD_LETTERED_AT)
-        if value:
-            try:
-                return as_utc(datetime.fromisoformat(str(value)))
-            except ValueError:
-                pass
-        death = self._last_death()
-        if death and isinstance(death.get("time"), datetime):
-            return as_utc(death["time"])
-        if self.unroutable:
-            return self._published_at()
-        return None
-
-    def _published_at(self) -> datetime | None:
-        """When it was published, if the publisher said (AMQP timestamp, the kit client's kit-enqueued-at):
-        for an unroutable message that is when it was parked."""
-        stamp = self.properties.get("timestamp")
-        if isinstance(stamp, datetime):
-            return as_utc(stamp)
-        for value in (stamp, self.headers.get(h.ENQUEUED_AT)):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                try:
-                    return datetime.fromtimestamp(float(value), UTC)
-                except (OverflowError, OSError, ValueError):
-                    continue
-        return None
-
-    def _last_death(self) -> dict[str, Any] | None:
-        deaths = self.headers.get("x-death")
-        if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-            return deaths[0]  # RabbitMQ keeps the most recent first
-        return None
-
-    def summary(self) -> dict[str, Any]:
-        """The fields ``dlq list`` shows (``retry_rule``: the ``kit-retry-rule`` header)."""
-        died = self.died_at
-        return {
-            "position": self.position,
-            "id": self.id,
-            "task": self.task,
-            "reason": self.reason,
-            # The retry rule that decided (service.retry_policy), for tasks that ran; None otherwise.
-            "retry_rule": str(self.headers[h.RETRY_RULE]) if self.headers.get(h.RETRY_RULE) else None,
-            "exception": self.exception_type,
-            "message": self.exception_message,
-            "attempts": self.attempts,
-            "replays": self.replays,
-            "source_queue": self.source_queue or None,
-            "routing_key": self.routing_key,
-            "died_at": died.isoformat(timespec="seconds") if died else None,
-        }
-
-    def details(self, show_args: bool = True) -> dict[str, Any]:
-        """Everything ``dlq show`` shows."""
-        info = self.summary()
-        info.update(
-            queue=self.queue,
-            exchange=self.exchange,
-            traceback=str(self.headers.get(h.TRACEBACK) or ""),
-            first_failure_at=self.headers.get(h.FIRST_FAILURE_AT),
-            last_failure_at=self.headers.get(h.LAST_FAILURE_AT),
-            x_death=to_jsonable(self.headers.get("x-death") or []),
-            headers=to_jsonable(self.headers),
-            properties=to_jsonable(self.properties),
-            body_bytes=len(self.body),
-        )
-        if show_args:
-            info["args"], info["kwargs"] = _decode_args(self)
-        else:
-            info["headers"] = {k: ("<hidden>" if k in ("argsrepr", "kwargsrepr") else v)
-                               for k, v in info["headers"].items()}
-        return info
-
-
-def _decode_args(letter: DeadLetter) -> tuple[Any, Any]:
-    if letter.properties.get("content_type") != "application/json":
-        return None, None
-    try:
-        args, kwargs, _ = json.loads(letter.body)
-        return args, kwargs
-    except (ValueError, TypeError):
-        return None, None
-
-
-def work_queue_of(name: str) -> str:
-    """The work queue a dead-letter queue belongs to."""
-    for queue in queues.WORK_QUEUE_NAMES:
-        if queues.dead_letter_queue_name(queue) == name:
-            return queue
-    raise DeadLetterError(f"{name!r} is not a dead-letter queue")
-
-
-#: What ``--queue`` accepts besides the queue names: ``default`` for ``default.dead``,
-#: ``unroutable`` for ``unroutable.dead``.
-_SHORT_NAMES = {name.removesuffix(".dead"): name for name in queues.DEAD_LETTER_QUEUE_NAMES}
-
-
-def resolve_queues(names: Iterable[str] | None) -> list[str]:
-    """Dead-letter queue names from user input: ``default`` or ``default.dead``,
-    ``unroutable`` or ``unroutable.dead``; all when empty."""
-    dead = list(queues.DEAD_LETTER_QUEUE_NAMES)
-    chosen: list[str] = []
-    for name in names or ():
-        if name in dead:
-            chosen.append(name)
-        elif name in _SHORT_NAMES:
-            chosen.append(_SHORT_NAMES[name])
-        else:
-            raise DeadLetterError(
-                f"unknown queue {name!r}; use a work queue ({', '.join(queues.WORK_QUEUE_NAMES)}), "
-                f"unroutable, or a dead-letter queue ({', '.join(dead)})"
-            )
-    return list(dict.fromkeys(chosen)) or dead  # each queue once, in the order given
-
-
-# -- the queue walker -----------------------------------------------------------------
-
-
-class _Walk:
-    """Consumes a snapshot of a queue without acking; nacks (requeues) what is left at the end."""
-
-    def __init__(self, conn: Connection, queue: str) -> None:
-        self.queue = queue
-        self.channel = conn.channel()
-        self.channel.auto_decode = False  # bodies stay bytes, exactly as stored
-        try:
-            _, self.count, _ = self.channel.queue_declare(queue, passive=True)
-        except amqp.exceptions.NotFound:
-            raise DeadLetterError(
-                f"queue {queue!r} does not exist on the broker; run `python -m service topology declare`"
-            ) from None
-        self._received: list[amqp.Message] = []
-
-    def __iter__(self) -> Iterator[DeadLetter]:
-        if not self.count:
-            return
-        # Unlimited prefetch: held messages must not stall the delivery of the rest.
-        self.channel.basic_qos(0, 0, False)
-        tag = self.channel.basic_consume(self.queue, no_ack=False, callback=self._received.append)
-        position = 0
-        try:
-            while position < self.count:
-                if not self._received:
-                    try:
-                        self.channel.connection.drain_events(timeout=5)
-                    except TimeoutError:
-                        break  # the queue shrank under us (someone else consumed)
-                    continue
-                message = self._received.pop(0)
-                position += 1
-                yield DeadLetter(
-                    queue=self.queue,
-                    position=position,
-                    body=bytes(message.body),
-                    headers=dict(message.properties.get("application_headers") or {}),
-                    properties={k: v for k, v in message.properties.items() if k != "application_headers"},
-                    delivery_tag=message.delivery_info["delivery_tag"],
-                    routing_key=str(message.delivery_info.get("routing_key") or ""),
-                    exchange=str(message.delivery_info.get("exchange") or ""),
-                )
-        finally:
-            self.channel.basic_cancel(tag)
-
-    def ack(self, letter: DeadLetter) -> None:
-        """Remove ``letter`` from the queue (only after its copy is safe)."""
-        self.channel.basic_ack(letter.delivery_tag)
-
-    def close(self) -> None:
-        """Requeue every message not acked, at its original position.
-
-        Closing the channel is what returns them (py-amqp has no basic.nack).
-        """
-        try:
-            self.channel.close()
-        except Exception:  # noqa: BLE001 - a channel the broker closed has requeued them already
-            pass
 
 
 def browse(conn: Connection, queue: str, filters: Filters | None = None) -> list[DeadLetter]:
     """The dead letters of ``queue`` (matching ``filters``), oldest first. Changes nothing."""
-    walk = _Walk(conn, queue)
+    walk = Walk(conn, queue)
     try:
         return [letter for letter in walk if filters is None or filters.match(letter)]
     finally:
@@ -377,57 +78,6 @@ def stats(conn: Connection, queue: str) -> dict[str, Any]:
         result["by_routing_key"] = dict(Counter(letter.routing_key for letter in letters).most_common())
     return result
 
-
-# -- locking ---------------------------------------------------------------------------
-
-
-def _lock(conn: Connection, queue: str) -> amqp.Channel:
-    """Hold ``queue``'s lock: an exclusive queue that dies with this connection."""
-    channel = conn.channel()
-    try:
-        channel.queue_declare(queues.lock_queue_name(queue), exclusive=True, auto_delete=True)
-    except amqp.exceptions.ResourceLocked:
-        raise QueueBusy(
-            f"another replay, purge or import is working on {queue!r}; wait for it to finish "
-            "(its lock is released when it ends or its process dies)"
-        ) from None
-    return channel
-
-
-def is_busy(conn: Connection, queue: str) -> bool:
-    """True when a replay or purge (on another connection) holds ``queue``."""
-    channel = conn.channel()
-    try:
-        channel.queue_declare(queues.lock_queue_name(queue), passive=True)
-    except amqp.exceptions.ResourceLocked:
-        return True
-    except amqp.exceptions.NotFound:
-        return False
-    finally:
-        try:
-            channel.close()
-        except Exception:  # noqa: BLE001 - the broker closed it already
-            pass
-    return False
-
-
-def hold(conn: Connection, queue: str) -> amqp.Channel:
-    """Take ``queue``'s lock for the life of ``conn`` (see ``release``); raises QueueBusy."""
-    return _lock(conn, queue)
-
-
-def release(channel: amqp.Channel, queue: str) -> None:
-    """Give back a lock taken with ``hold``."""
-    _unlock(channel, queue)
-
-
-def _unlock(channel: amqp.Channel, queue: str) -> None:
-    """Release ``queue``'s lock (the broker also does when the connection closes)."""
-    try:
-        channel.queue_delete(queues.lock_queue_name(queue))
-        channel.close()
-    except Exception:  # noqa: BLE001 - a lost connection has released the lock already
-        pass
 
 
 # -- replay and purge -----------------------------------------------------------------------
@@ -536,8 +186,8 @@ def replay(
         except ValueError as exc:
             raise DeadLetterError(str(exc)) from None
     outcome = Outcome()
-    lock = None if dry_run else _lock(conn, queue)
-    walk = _Walk(conn, queue)
+    lock = None if dry_run else hold(conn, queue)
+    walk = Walk(conn, queue)
     publisher = None if dry_run else ConfirmedChannel(settings)
     pacer = _Pacer(rate)
     window: list[DeadLetter] = []
@@ -600,7 +250,7 @@ def replay(
         if publisher is not None:
             publisher.close()
         if lock is not None:
-            _unlock(lock, queue)
+            release(lock, queue)
     return outcome
 
 
@@ -616,8 +266,8 @@ def purge(
     """Delete matching dead letters of ``queue``; with ``archive``, each is written
     (and the file synced) before it is deleted."""
     outcome = Outcome()
-    lock = _lock(conn, queue)
-    walk = _Walk(conn, queue)
+    lock = hold(conn, queue)
+    walk = Walk(conn, queue)
     batch: list[DeadLetter] = []
 
     def flush() -> None:
@@ -644,7 +294,7 @@ def purge(
         flush()
     finally:
         walk.close()
-        _unlock(lock, queue)
+        release(lock, queue)
     return outcome
 
 

@@ -4,7 +4,7 @@ Compose's own rules, as far as this kit's compose file uses them: variable
 interpolation (``$$``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
 ``$VAR``), durations such as ``1m30s``, the short and long syntax of ``ports``
 and ``volumes``, and ``entrypoint`` + ``command`` in exec form. The local stack
-(service.stack) and the tests read the compose file through this module.
+(service.stack.model) and the tests read the compose file through this module.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import yaml
 
 from service.errors import KitError
 
-COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 #: Compose's default stop_grace_period.
 DEFAULT_STOP_GRACE = 10.0
 

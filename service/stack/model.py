@@ -2,7 +2,7 @@
 
 docker-compose.yml is the one source of every component's command, flags,
 environment, config files and health check. This module reads it (through
-service.compose) and runs the services that its ``x-local-stack`` extension
+service.stack.compose) and runs the services that its ``x-local-stack`` extension
 lists, with the same commands, mapped to one machine by a few fixed rules:
 
 - ``python`` is the virtual environment's (``venv``); an image entrypoint such
@@ -17,13 +17,13 @@ lists, with the same commands, mapped to one machine by a few fixed rules:
   ``/run/secrets``, ``/var/lib/kit``) map into KIT_STATE_DIR. Files under a
   ``rewrite-hosts`` path are copied with their hosts and ports mapped
   (Prometheus' target files), and with the stack's vhost as their
-  ``kit_vhost`` label.
+  ``kit_vhost`` label (service.stack.files writes them).
 - Broker URLs keep their role's user and get the stack's vhost and user prefix
   (``--vhost``, ``--user-prefix``, defaults from docker-compose.yml); passwords
   are files in KIT_STATE_DIR/secrets, made by scripts/make-secrets.sh on the
   first ``up``, and the vhost, users and topology are created over RabbitMQ's
   management API by service.broker, as ``python -m service broker provision``
-  does (service.stack_provision).
+  does (service.stack.provision).
 - ``environment`` values are compose's; a value left empty in compose is passed
   through from the caller's environment, as compose does. Other KIT_* and
   SENTRY_* variables of the caller are not passed on.
@@ -31,14 +31,13 @@ lists, with the same commands, mapped to one machine by a few fixed rules:
 ``up`` starts what is not running yet (running it twice is harmless), ``down``
 stops only the processes ``up`` started (pid files in KIT_STATE_DIR/run hold
 each pid with its start time, so a reused pid is never signalled), ``status``
-says what runs and what fails its health check (service.stack_processes).
+says what runs and what fails its health check (service.stack.processes and service.stack.lifecycle).
 RabbitMQ itself is Debian's, started by ``scripts/broker.sh`` when it is not
 reachable, and never stopped.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -52,7 +51,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from service.compose import (
+from service.errors import KitError
+from service.stack.compose import (
     COMPOSE_FILE,
     container_ports,
     full_command,
@@ -62,9 +62,8 @@ from service.compose import (
     path_under,
     published_ports,
 )
-from service.errors import KitError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: The compose extension that says how to run services locally.
 LOCAL_KEY = "x-local-stack"
 #: The Prometheus target label naming the vhost whose queues are scraped (deploy/prometheus/prometheus.yml).
@@ -232,7 +231,7 @@ class Stack:
 
     # -- mapping one service ----------------------------------------------
 
-    def _mount_table(self, name: str) -> list[tuple[str, Path]]:
+    def mount_table(self, name: str) -> list[tuple[str, Path]]:
         """(container path, local path) of a service's bind mounts and x-local-stack paths, longest first."""
         table: list[tuple[str, Path]] = []
         service_mounts = mounts(self.services[name])
@@ -254,7 +253,7 @@ class Stack:
         return sorted(table, key=lambda item: -len(item[0]))
 
     def map_path(self, name: str, container_path: str) -> str:
-        for prefix, local in self._mount_table(name):
+        for prefix, local in self.mount_table(name):
             rel = path_under(container_path, prefix)
             if rel is not None:
                 return str(local / rel) if rel else str(local)
@@ -376,87 +375,6 @@ class Stack:
             ports=tuple(self.own_ports(name).values()),
         )
 
-    # -- files the components need ------------------------------------------
-
-    def prepare_files(self) -> None:
-        """Overlays for nested mounts, host-mapped target files, rendered configs."""
-        for name in self.local_services:
-            service_mounts = [m for m in mounts(self.services[name]) if m.bind]
-            rewrite = set(self.local_services[name].get("rewrite-hosts", []))
-            table = dict(self._mount_table(name))
-            for m in service_mounts:
-                local = table[m.target]
-                if local.is_relative_to(REPO) and not local.is_relative_to(self.state_dir):
-                    continue  # mapped straight to the repository
-                if any(path_under(m.target, o.target) for o in service_mounts if o is not m):
-                    continue  # filled in with the mount it is nested in
-                source = (REPO / m.source).resolve()
-                nested = {n.target: n for n in service_mounts if n is not m and path_under(n.target, m.target)}
-                if m.target in rewrite:
-                    self._write_rewritten(name, source, local)
-                else:
-                    self._write_overlay(source, local, {path_under(t, m.target).split("/")[0] for t in nested})
-                for target, inner in nested.items():
-                    inner_local = table[target]
-                    if target in rewrite:
-                        self._write_rewritten(name, (REPO / inner.source).resolve(), inner_local)
-                    else:
-                        _replace_with_symlink(inner_local, (REPO / inner.source).resolve())
-            values = self.local_services[name].get("alertmanager-config")
-            if values:
-                self._write_alertmanager_config(name, dict(values))
-
-    def _write_overlay(self, source: Path, local: Path, skip: set[str]) -> None:
-        if local.is_symlink() or local.is_file():
-            local.unlink()
-        local.mkdir(parents=True, exist_ok=True)
-        entries = {p.name for p in source.iterdir()} - skip
-        for entry in local.iterdir():
-            if entry.name not in entries and entry.name not in skip:
-                _remove(entry)
-        for entry in entries:
-            _replace_with_symlink(local / entry, source / entry)
-
-    def _write_rewritten(self, name: str, source: Path, local: Path) -> None:
-        """Copies of the JSON files of ``source``: hosts and ports mapped, ``kit_vhost`` labels the stack's vhost."""
-        if local.is_symlink():
-            local.unlink()
-        local.mkdir(parents=True, exist_ok=True)
-
-        def mapped(node: Any) -> Any:
-            if isinstance(node, str):
-                return self.map_text(name, node)
-            if isinstance(node, list):
-                return [mapped(v) for v in node]
-            if isinstance(node, dict):
-                return {k: mapped(v) for k, v in node.items()}
-            return node
-
-        def with_vhost(groups: Any) -> Any:
-            for group in groups if isinstance(groups, list) else ():
-                labels = group.get("labels") if isinstance(group, dict) else None
-                if isinstance(labels, dict) and VHOST_TARGET_LABEL in labels:
-                    labels[VHOST_TARGET_LABEL] = self.vhost
-            return groups
-
-        for path in sorted(source.glob("*.json")):
-            out = local / path.name
-            tmp = out.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(with_vhost(mapped(json.loads(path.read_text()))), indent=2) + "\n")
-            tmp.replace(out)
-
-    def _write_alertmanager_config(self, name: str, values: dict[str, Any]) -> None:
-        from service.monitoring import alertmanager_config
-
-        argv = full_command(self.services[name])
-        config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config.file=")), None)
-        if config is None:
-            raise StackError(f"{name}: alertmanager-config needs a --config.file= flag")
-        out = self.work_dir / name / "alertmanager.yml"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        values.setdefault("secrets_dir", self.secrets_dir)
-        out.write_text(alertmanager_config.render(Path(self.map_path(name, config)), **values))
-
     # -- URLs -----------------------------------------------------------------
 
     def urls(self) -> dict[str, str]:
@@ -481,23 +399,3 @@ class Stack:
 
     def user(self, role: str) -> str:
         return f"{self.user_prefix}{role}"
-
-
-# ---------------------------------------------------------------------------
-# Files
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def _replace_with_symlink(link: Path, target: Path) -> None:
-    if link.is_symlink() and Path(os.readlink(link)) == target:
-        return
-    if link.exists() or link.is_symlink():
-        _remove(link)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target)

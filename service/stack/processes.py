@@ -23,11 +23,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from service.compose import DEFAULT_STOP_GRACE
-from service.stack import REPO, Component, Options, Stack, StackError
+from service.stack.compose import DEFAULT_STOP_GRACE
+from service.stack.model import REPO, Component, Options, Stack, StackError
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -50,7 +50,7 @@ def running_pid(stack: Stack, name: str) -> int | None:
         pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    now = _start_time(pid)
+    now = start_time(pid)
     if now is None or (started and now != started):
         return None
     return pid
@@ -73,7 +73,7 @@ def start(stack: Stack, component: Component) -> tuple[int, bool]:
         except OSError as exc:
             raise StackError(f"{component.name}: cannot run {component.argv[0]} ({exc.strerror}); "
                              "run scripts/install.sh") from None
-    started = _start_time(process.pid) or ""
+    started = start_time(process.pid) or ""
     tmp = _pid_file(stack, component.name).with_suffix(".tmp")
     tmp.write_text(f"{process.pid} {started}\n")
     tmp.replace(_pid_file(stack, component.name))
@@ -103,7 +103,7 @@ def stop_name(stack: Stack, name: str, timeout: float = DEFAULT_STOP_GRACE) -> b
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _start_time(pid) is not None:
+    while time.monotonic() < deadline and start_time(pid) is not None:
         time.sleep(0.2)
     try:  # whatever is left of its process group (pool processes of a killed worker)
         os.killpg(pid, signal.SIGKILL)

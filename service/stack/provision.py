@@ -15,7 +15,7 @@ from __future__ import annotations
 import subprocess
 from urllib.parse import quote, unquote, urlsplit
 
-from service.stack import REPO, Stack, StackError
+from service.stack.model import REPO, Stack, StackError
 
 
 def make_secrets(stack: Stack) -> None:

@@ -23,12 +23,11 @@ from kombu.message import Message
 
 from service import headers as h
 from service import queues
-from service.broker import declare_topology_enabled
 from service.errors import KitError
 from service.monitoring import metrics, sentry
 from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings, load
-from service.topology import connect, declare
+from service.topology import declare_on
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +55,9 @@ def _publisher() -> ConfirmedChannel:
 
 def _ensure_topology(settings: Settings) -> None:
     """Declare the topology once per process, so the exchanges we publish to exist."""
-    if not declare_topology_enabled():
+    if not settings.declare_topology:
         return  # least privilege (KIT_DECLARE_TOPOLOGY=false): the broker's definitions hold it
-    conn = connect(settings)
-    try:
-        declare(conn)
-    finally:
-        conn.release()
+    declare_on(settings)
 
 
 def source_queue(message: Message) -> str:

@@ -1,0 +1,130 @@
+"""Reading a queue without changing it, and the lock of replay, purge and import.
+
+Every operation reads a dead-letter queue by consuming it WITHOUT acking
+(``Walk``). A message the operation does not take is held unacked until the
+end and then returned; RabbitMQ puts requeued messages back at their original
+positions, so listing changes nothing, and a replay or purge leaves the
+messages it skips where they were, in their order.
+
+Two replays or purges of one queue cannot run at once: each holds an
+exclusive "lock" queue on its connection (released by the broker when the
+connection goes, also on kill -9); a second one is refused with ``QueueBusy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import amqp
+from kombu import Connection
+
+from service import queues
+from service.deadletters.letter import DeadLetter, DeadLetterError
+
+
+class QueueBusy(DeadLetterError):
+    """Another replay, purge or import holds the queue."""
+
+
+class Walk:
+    """Consumes a snapshot of a queue without acking; nacks (requeues) what is left at the end."""
+
+    def __init__(self, conn: Connection, queue: str) -> None:
+        self.queue = queue
+        self.channel = conn.channel()
+        self.channel.auto_decode = False  # bodies stay bytes, exactly as stored
+        try:
+            _, self.count, _ = self.channel.queue_declare(queue, passive=True)
+        except amqp.exceptions.NotFound:
+            raise DeadLetterError(
+                f"queue {queue!r} does not exist on the broker; run `python -m service topology declare`"
+            ) from None
+        self._received: list[amqp.Message] = []
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        if not self.count:
+            return
+        # Unlimited prefetch: held messages must not stall the delivery of the rest.
+        self.channel.basic_qos(0, 0, False)
+        tag = self.channel.basic_consume(self.queue, no_ack=False, callback=self._received.append)
+        position = 0
+        try:
+            while position < self.count:
+                if not self._received:
+                    try:
+                        self.channel.connection.drain_events(timeout=5)
+                    except TimeoutError:
+                        break  # the queue shrank under us (someone else consumed)
+                    continue
+                message = self._received.pop(0)
+                position += 1
+                yield DeadLetter(
+                    queue=self.queue,
+                    position=position,
+                    body=bytes(message.body),
+                    headers=dict(message.properties.get("application_headers") or {}),
+                    properties={k: v for k, v in message.properties.items() if k != "application_headers"},
+                    delivery_tag=message.delivery_info["delivery_tag"],
+                    routing_key=str(message.delivery_info.get("routing_key") or ""),
+                    exchange=str(message.delivery_info.get("exchange") or ""),
+                )
+        finally:
+            self.channel.basic_cancel(tag)
+
+    def ack(self, letter: DeadLetter) -> None:
+        """Remove ``letter`` from the queue (only after its copy is safe)."""
+        self.channel.basic_ack(letter.delivery_tag)
+
+    def close(self) -> None:
+        """Requeue every message not acked, at its original position.
+
+        Closing the channel is what returns them (py-amqp has no basic.nack).
+        """
+        try:
+            self.channel.close()
+        except Exception:  # noqa: BLE001 - a channel the broker closed has requeued them already
+            pass
+
+
+
+def hold(conn: Connection, queue: str) -> amqp.Channel:
+    """Take ``queue``'s lock for the life of ``conn``: an exclusive queue that dies with the connection.
+
+    Give it back with ``release``; raises QueueBusy when another connection holds it.
+    """
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queues.lock_queue_name(queue), exclusive=True, auto_delete=True)
+    except amqp.exceptions.ResourceLocked:
+        raise QueueBusy(
+            f"another replay, purge or import is working on {queue!r}; wait for it to finish "
+            "(its lock is released when it ends or its process dies)"
+        ) from None
+    return channel
+
+
+def is_busy(conn: Connection, queue: str) -> bool:
+    """True when a replay or purge (on another connection) holds ``queue``."""
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queues.lock_queue_name(queue), passive=True)
+    except amqp.exceptions.ResourceLocked:
+        return True
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - the broker closed it already
+            pass
+    return False
+
+
+def release(channel: amqp.Channel, queue: str) -> None:
+    """Give back a lock taken with ``hold`` (the broker also does when the connection closes)."""
+    try:
+        channel.queue_delete(queues.lock_queue_name(queue))
+        channel.close()
+    except Exception:  # noqa: BLE001 - a lost connection has released the lock already
+        pass
+

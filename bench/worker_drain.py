@@ -114,17 +114,10 @@ def measure(kind: str, tasks: int, timeout: float) -> float:
 
 
 def _wait_unacked_zero(vhost: Vhost, worker: subprocess.Popen[bytes], kind: str, deadline: float) -> None:
-    while _unacked(vhost):
+    while vhost.unacked("bulk"):
         if time.monotonic() > deadline or worker.poll() is not None:
             raise RuntimeError(f"{kind} left tasks unacked")
         time.sleep(0.2)
-
-
-def _unacked(vhost: Vhost) -> int:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost.name, "name", "messages_unacknowledged"],
-                         capture_output=True, text=True, check=True).stdout
-    rows = dict(line.split("\t") for line in out.splitlines() if "\t" in line and not line.startswith("name"))
-    return int(rows.get("bulk", "0"))
 
 
 def main() -> None:

@@ -131,6 +131,16 @@ class Vhost:
         finally:
             conn.close()
 
+    def unacked(self, queue: str) -> int:
+        """Messages of a queue delivered to a consumer and not yet acked, as the broker itself counts them.
+
+        From ``rabbitmqctl list_queues`` (about a second: not for tight loops); the
+        management API's figure lags.
+        """
+        out = rabbitmqctl("list_queues", "-p", self.name, "name", "messages_unacknowledged")
+        rows = dict(line.split("\t") for line in out.splitlines() if "\t" in line and not line.startswith("name"))
+        return int(rows.get(queue, "0"))
+
     def drain(self, queue: str) -> list[amqp.Message]:
         """Take every ready message out of a queue (acked)."""
         conn = self.connection()

@@ -26,7 +26,7 @@ from kombu import Exchange, Queue
 from service import headers as h
 from service import queues
 from service.client import Publisher, TaskRequest, build_message
-from tests.helpers import REPO, Vhost, rabbitmqctl, wait_until
+from tests.helpers import REPO, Vhost, wait_until
 from tests.observability import free_port
 from tests.worker_tasks import recorded
 
@@ -63,12 +63,6 @@ def dead_letters(vhost: Vhost, queue: str = "default.dead") -> dict[str, amqp.Me
     return {m.properties.get("message_id"): m for m in vhost.drain(queue)}
 
 
-def unacked(vhost: Vhost, queue: str) -> int:
-    out = rabbitmqctl("list_queues", "-p", vhost.name, "name", "messages_unacknowledged")
-    rows = dict(line.split("\t") for line in out.splitlines() if "\t" in line and not line.startswith("name"))
-    return int(rows.get(queue, "0"))
-
-
 def wait_dead(vhost: Vhost, count: int, queue: str = "default.dead", timeout: float = 30) -> dict[str, amqp.Message]:
     wait_until(lambda: vhost.depth(queue) >= count, timeout, f"{count} dead letter(s) in {queue}")
     return dead_letters(vhost, queue)
@@ -101,7 +95,7 @@ def test_a_failing_task_with_a_retries_header_that_is_not_a_number_cannot_wedge_
     for message in dead.values():
         assert message.headers[h.REASON] == h.REASON_INVALID_MESSAGE
         assert "header 'retries' must be a whole number" in message.headers[h.EXCEPTION_MESSAGE]
-    assert vhost.counts("default") == (0, 1) and unacked(vhost, "default") == 0
+    assert vhost.counts("default") == (0, 1) and vhost.unacked("default") == 0
 
 
 def test_an_expired_task_is_dead_lettered_counted_shown_and_replayable(vhost, kit_env, start_worker, tmp_path):
@@ -163,7 +157,7 @@ def test_a_thousand_etas_two_hours_ahead_wait_in_the_broker_not_in_the_worker(vh
     longest = f"tasks.wait.{queues.WAIT_TIERS_S[-1]}s"
     wait_until(lambda: vhost.depth(longest) == 1000, 120, "1,000 ETA tasks to wait in the broker", interval=0.5)
     assert vhost.depth("default") == 0
-    assert unacked(vhost, "default") <= 2  # its prefetch: concurrency 2 x multiplier 1
+    assert vhost.unacked("default") <= 2  # its prefetch: concurrency 2 x multiplier 1
     assert recorded(tmp_path, "started") == []
     [waiting] = [m for m in [_peek_one(vhost, longest)] if m is not None]
     assert waiting.headers["eta"] == eta.isoformat() and waiting.headers[h.WAITS] == 1
@@ -313,4 +307,4 @@ def test_every_mutated_message_runs_or_is_dead_lettered_and_the_worker_keeps_goi
                 assert letter.headers.get(h.REASON), f"a dead letter without a reason: {mutations}"
                 assert letter.headers.get(h.EXCEPTION_MESSAGE), f"a dead letter without its why: {mutations}"
     assert outcomes(canary) == (1, 0)  # the worker is not wedged
-    wait_until(lambda: unacked(vhost, "default") == 0, 30, "nothing left unacked")
+    wait_until(lambda: vhost.unacked("default") == 0, 30, "nothing left unacked")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from service import queues
 from service.client import Publisher, TaskRequest
-from tests.helpers import rabbitmqctl, wait_until
+from tests.helpers import wait_until
 from tests.worker_tasks import recorded
 
 
@@ -36,12 +36,6 @@ def test_publish_with_countdown_waits_in_the_broker(vhost, kit_env, start_worker
     wait_until(lambda: recorded(tmp_path, "done") == ["later"], 15, "the delayed task")
 
 
-def _unacked(vhost, queue: str) -> int:
-    out = rabbitmqctl("list_queues", "-p", vhost.name, "name", "messages_unacknowledged")
-    rows = dict(line.split("\t") for line in out.splitlines() if "\t" in line and not line.startswith("name"))
-    return int(rows.get(queue, "0"))
-
-
 def test_ten_thousand_tasks_in_backoff_stay_in_the_broker_across_a_restart(vhost, kit_env, start_worker, tmp_path):
     """Each task fails once and waits 128-256 s for its retry. During the wait the
     worker holds no more than its prefetch; a worker killed with -9 during the
@@ -62,7 +56,7 @@ def test_ten_thousand_tasks_in_backoff_stay_in_the_broker_across_a_restart(vhost
         return sum(vhost.depths(waiting).values())
 
     wait_until(lambda: in_backoff() == total, 200, "all tasks to wait for their retry", interval=0.5)
-    assert _unacked(vhost, "bulk") <= 2  # prefetch: concurrency 2 x multiplier 1
+    assert vhost.unacked("bulk") <= 2  # prefetch: concurrency 2 x multiplier 1
     assert vhost.depth("bulk") == 0 and recorded(tmp_path, "done") == []
     worker.kill()
     start_worker(queues=["bulk"], concurrency=2)

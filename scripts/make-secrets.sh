@@ -3,6 +3,8 @@
 # (and that `python -m service stack up` uses for the local stack):
 #
 #   rabbitmq_{admin,publisher,worker,monitor}_password   random, one broker user per role
+#   rabbitmq_erlang_cookie                               random, the Erlang cookie the nodes of the
+#                                                         3-node cluster share (docker-compose.cluster.yml)
 #   grafana_admin_password                               random, Grafana's admin
 #   alertmanager_{slack_api_url,smtp_password,           EMPTY: the receivers' secrets are
 #     pagerduty_routing_key,webhook_token}                site values you fill in
@@ -12,12 +14,16 @@
 #
 # Existing files are never changed, so running it again is harmless; to rotate a
 # password delete its file and run it again (then recreate broker-definitions and
-# rabbitmq, or run `python -m service broker provision`).
+# rabbitmq, or run `python -m service broker provision`). A new Erlang cookie takes
+# all three cluster nodes restarted together: nodes with different cookies cannot
+# talk to each other.
 #
 # Modes: the directory is 0700, so no other user of this machine can read
 # anything in it. The files are 0644 because compose (without swarm) mounts them
 # as they are, and the containers read them as their own non-root users (kit
 # 10001, rabbitmq 999, grafana 472, nobody); 0600 files would be unreadable there.
+# (The cluster nodes copy the cookie into a 0400 file of their own at start, as
+# Erlang demands.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +38,7 @@ random_value() {
 
 created=()
 for name in rabbitmq_admin_password rabbitmq_publisher_password rabbitmq_worker_password \
-            rabbitmq_monitor_password grafana_admin_password; do
+            rabbitmq_monitor_password rabbitmq_erlang_cookie grafana_admin_password; do
     file="$dir/$name"
     if [ ! -s "$file" ]; then
         (umask 077; random_value > "$file")

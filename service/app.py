@@ -23,6 +23,7 @@ from kombu import Queue as KombuQueue
 from service import queues, startup
 from service.errors import InvalidTaskInput
 from service.settings import ConfigError, Settings, load, redact_url
+from service.worker.lanes import LaneAMQP, NativeDelayedDeliveryWarning
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ TASK_MODULES = (
 )
 
 
-def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:
+class TaskRouter:
     """Celery router: the queue the caller named, else ``queues.TASK_ROUTES`` (shared with the client).
 
     An explicit ``queue=`` (``apply_async``, ``send_task``, ``@app.task(queue=...)``)
@@ -43,10 +44,27 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
     InvalidTaskInput before anything is sent (a routing key nothing is bound to
     would be dropped by the broker). Names the task exchange too: otherwise Celery
     publishes through the default exchange (amq.default), which the broker's
-    publisher user may not write to.
+    publisher user may not write to. On the quorum profile a task of high or
+    critical priority goes to its work queue's high lane.
     """
-    queue = _queue_asked_for(options or {}) or queues.queue_for_task(name)
-    return {"queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": queue}
+
+    def __init__(self, profile: queues.Topology) -> None:
+        self.profile = profile
+
+    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+                 **kw: Any) -> dict[str, str]:
+        """The queue, exchange and routing key of one task."""
+        options = options or {}
+        queue = _queue_asked_for(options) or queues.queue_for_task(name)
+        priority = options.get("priority")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            priority = queues.PRIORITIES[queues.DEFAULT_PRIORITY]
+        return {"queue": queue, "exchange": queues.TASK_EXCHANGE,
+                "routing_key": self.profile.routing_key(queue, priority)}
+
+
+#: The router of the classic profile (``make_app`` builds the app's own from KIT_QUEUE_TYPE).
+route_task = TaskRouter(queues.topology())
 
 
 def _queue_asked_for(options: dict[str, Any]) -> str | None:
@@ -111,10 +129,14 @@ def make_app() -> Celery:
     # KIT_DECLARE_TOPOLOGY=false: the queues come from the broker's definitions and
     # the worker's user may not declare them (service.broker), so never try.
     no_declare = not settings.declare_topology
+    profile = queues.topology(settings.queue_type)
     tasks = queues.exchange(queues.TASK_EXCHANGE)
     task_exchange = Exchange(tasks.name, type=tasks.type, durable=True, arguments=dict(tasks.arguments),
                              no_declare=no_declare)
-    app = Celery("service", task_cls="service.worker.task:ReliableTask")
+    if profile.lanes:
+        logging.getLogger("celery.app.base").addFilter(NativeDelayedDeliveryWarning())
+    # LaneAMQP: a worker of a work queue consumes its high lane too (quorum profile).
+    app = Celery("service", task_cls="service.worker.task:ReliableTask", amqp=LaneAMQP)
     app.conf.update(
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
@@ -133,15 +155,18 @@ def make_app() -> Celery:
                 durable=True,
                 no_declare=no_declare,
             )
-            for q in queues.WORK_QUEUES
+            # Quorum queues in the list also make Celery use per-consumer QoS
+            # (worker_detect_quorum_queues), which quorum queues need.
+            for q in profile.work_queues + profile.lanes
         ],
         task_default_queue=queues.DEFAULT_QUEUE,
         task_default_exchange=queues.TASK_EXCHANGE,
         task_default_exchange_type="direct",
         task_default_routing_key=queues.DEFAULT_QUEUE,
-        task_routes=(route_task,),
+        task_routes=(TaskRouter(profile),),
         task_create_missing_queues=False,
-        task_queue_max_priority=queues.MAX_PRIORITY,
+        # Quorum queues refuse x-max-priority: their priorities are the high lanes.
+        task_queue_max_priority=None if profile.lanes else queues.MAX_PRIORITY,
         task_default_priority=queues.PRIORITIES[queues.DEFAULT_PRIORITY],
         # Delivery guarantees: ack after the run, one message per process at a
         # time (so priorities hold), failures handled by ReliableRequest.
@@ -169,6 +194,8 @@ def make_app() -> Celery:
         enable_utc=True,
         timezone=settings.timezone,
         beat_schedule_filename=str(settings.state_dir / "celerybeat-schedule"),
+        # Several beats may run: the one holding the schedule lease on the broker sends (service.beat).
+        beat_scheduler="service.beat.scheduler:LeasedScheduler",
         beat_schedule=kit_beat_schedule(settings),
     )
     return app

@@ -5,7 +5,8 @@ One vhost and one user per role, each allowed only what its job needs
 regex and what was verified on a real broker)::
 
     kit-admin      administrator: provisioning, dead-letter operations, the UI
-    kit-publisher  web apps (service.client): publish tasks; nothing else
+    kit-publisher  web apps (service.client) and beat: publish tasks; beat's
+                   lease and schedule state (kit.beat.*); nothing else
     kit-worker     Celery workers: consume the work queues, publish retries and
                    dead letters, Celery's events and remote control
     kit-monitor    celery-exporter and Prometheus: read-only, cannot publish tasks
@@ -76,6 +77,10 @@ _PIDBOX_REPLY = _name(queues.PIDBOX_REPLY_EXCHANGE)
 _PIDBOX_QUEUES = ".+" + _name(queues.PIDBOX_QUEUE_SUFFIX)  # <node>.celery.pidbox and <uuid>.reply.celery.pidbox
 _REPLY_QUEUES = ".+\\." + _PIDBOX_REPLY  # <uuid>.reply.celery.pidbox only
 _CELERY_OWN = (_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX, _PIDBOX_REPLY, _PIDBOX_QUEUES)
+# Beat's own resources (service.beat): its lease queue, its state queue and exchange.
+_BEAT_LEASE = _name(queues.BEAT_LEASE_QUEUE)
+_BEAT_STATE = _name(queues.BEAT_STATE_QUEUE)
+_BEAT_EXCHANGE = _name(queues.BEAT_STATE_EXCHANGE)
 
 #: role -> the configure, write and read regexes of RabbitMQ's permissions.
 #: RabbitMQ checks: declare and delete need configure on the resource; publish
@@ -90,17 +95,23 @@ _CELERY_OWN = (_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX, _PIDBOX_REPLY, _PIDBOX_Q
 PERMISSIONS: dict[str, dict[str, str]] = {
     "admin": {"configure": ".*", "write": ".*", "read": ".*"},
     "publisher": {
-        "configure": NOTHING,
-        # Tasks, tasks with a countdown (wait queues), Celery's task-sent event.
-        "write": _any_of(_name(queues.TASK_EXCHANGE), _name(queues.RETRY_EXCHANGE), _EVENT_EXCHANGE),
-        "read": NOTHING,
+        # Beat runs as this user: it declares its lease and its state (queue, exchange, binding).
+        "configure": _any_of(_BEAT_EXCHANGE, _BEAT_LEASE, _BEAT_STATE),
+        # Tasks, tasks with a countdown (wait queues), Celery's task-sent event; beat's state
+        # (publish to its exchange, bind its queue).
+        "write": _any_of(_name(queues.TASK_EXCHANGE), _name(queues.RETRY_EXCHANGE), _EVENT_EXCHANGE,
+                         _BEAT_EXCHANGE, _BEAT_STATE),
+        # Only beat's state: bind its queue to its exchange, read the one message.
+        "read": _any_of(_BEAT_EXCHANGE, _BEAT_STATE),
     },
     "worker": {
         # Nothing of the kit's: only Celery's events and remote control (pidbox).
         "configure": _any_of(*_CELERY_OWN),
         # Retries and dead letters; never TASK_EXCHANGE (a worker enqueues no new work).
         "write": _any_of(_name(queues.RETRY_EXCHANGE), _name(queues.DEAD_LETTER_EXCHANGE), *_CELERY_OWN),
-        "read": _any_of(*(_name(n) for n in queues.WORK_QUEUE_NAMES), *_CELERY_OWN),
+        # The work queues and their high lanes (quorum profile; unused on classic).
+        "read": _any_of(*(_name(n) for n in queues.WORK_QUEUE_NAMES),
+                        *(_name(queues.high_lane_name(n)) for n in queues.WORK_QUEUE_NAMES), *_CELERY_OWN),
     },
     "monitor": {
         # Its own event queue and inspect broadcasts with their reply queue.
@@ -138,7 +149,8 @@ def check_password(password: str, hashed: str) -> bool:
     return password_hash(password, raw[:4]) == hashed
 
 
-def _topology(vhost: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def _topology(vhost: str, profile: queues.Topology) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                              list[dict[str, Any]]]:
     exchanges = [
         {"name": x.name, "vhost": vhost, "type": x.type, "durable": True, "auto_delete": False,
          "internal": False, "arguments": dict(x.arguments)}
@@ -146,18 +158,21 @@ def _topology(vhost: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], l
     ]
     declared = [
         {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(q.arguments)}
-        for q in queues.ALL_QUEUES
+        for q in profile.all_queues
     ]
     bindings = [
         {"source": q.exchange, "vhost": vhost, "destination": q.name, "destination_type": "queue",
          "routing_key": q.binding_key, "arguments": dict(q.binding_arguments)}
-        for q in queues.ALL_QUEUES
+        for q in profile.all_queues
     ]
     return exchanges, declared, bindings
 
 
-def definitions(vhost: str, passwords: dict[str, str], user_prefix: str = DEFAULT_USER_PREFIX) -> dict[str, Any]:
+def definitions(vhost: str, passwords: dict[str, str], user_prefix: str = DEFAULT_USER_PREFIX,
+                queue_type: str = queues.DEFAULT_QUEUE_TYPE) -> dict[str, Any]:
     """RabbitMQ definitions (GET/POST /api/definitions, ``load_definitions``) of the kit.
+
+    The queues are those of ``queue_type``'s profile (KIT_QUEUE_TYPE).
 
     ``passwords`` maps each role of ROLES to its password; only salted hashes
     are put in the result. Raises ConfigError when a role is missing or a
@@ -181,7 +196,7 @@ def definitions(vhost: str, passwords: dict[str, str], user_prefix: str = DEFAUL
          "write": EVENT_TOPIC_WRITE.get(role, NOTHING), "read": ".*"}
         for role in ROLES
     ]
-    exchanges, declared, bindings = _topology(vhost)
+    exchanges, declared, bindings = _topology(vhost, queues.topology(queue_type))
     return {
         "users": users,
         "vhosts": [{"name": vhost}],

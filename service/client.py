@@ -62,13 +62,16 @@ MAX_COUNTDOWN_S = 10 * 366 * 86400
 
 
 def build_message(
-    request: TaskRequest, max_payload_bytes: int, longest_wait_s: int = queues.WAIT_TIERS_S[-1]
+    request: TaskRequest, max_payload_bytes: int, longest_wait_s: int = queues.WAIT_TIERS_S[-1],
+    profile: queues.Topology | None = None,
 ) -> tuple[str, Outgoing]:
     """Validate a TaskRequest and turn it into a Celery protocol-2 message.
 
     Returns (task id, message). Raises InvalidTaskInput, saying what was wrong,
     before anything is sent. A countdown waits in the broker's wait queues, in
-    trips of at most ``longest_wait_s`` (KIT_LONGEST_WAIT).
+    trips of at most ``longest_wait_s`` (KIT_LONGEST_WAIT). ``profile``
+    (KIT_QUEUE_TYPE's; default classic) picks the routing key: on quorum, a
+    high or critical task goes to its work queue's high lane.
     """
     name = request.name
     if not isinstance(name, str) or not name.strip():
@@ -151,7 +154,8 @@ def build_message(
             properties["expiration"] = str(max(1, int(step * 1000)))
             if countdown > step:
                 headers["eta"] = (datetime.now(UTC) + timedelta(seconds=countdown)).isoformat()
-    return task_id, Outgoing(exchange, queue, payload, headers, properties)
+    routing_key = (profile or queues.topology()).routing_key(queue, priority)
+    return task_id, Outgoing(exchange, routing_key, payload, headers, properties)
 
 
 EVENT_EXCHANGE = "celeryev"  # Celery's own event exchange (celery.events)
@@ -163,13 +167,13 @@ def sent_event(task_id: str, message: Outgoing) -> Outgoing:
     With it the exporter labels the task's later events with its queue.
     """
     headers = message.headers
-    queue = message.routing_key
+    queue = queues.work_queue_of_key(message.routing_key) or message.routing_key  # a lane counts as its queue
     event = {
         "type": "task-sent", "timestamp": time.time(), "hostname": _HOSTNAME, "utcoffset": _utcoffset(),
         "pid": os.getpid(), "clock": 0, "uuid": task_id, "root_id": headers.get("root_id"),
         "parent_id": headers.get("parent_id"), "name": headers.get("task"), "args": headers.get("argsrepr"),
         "kwargs": headers.get("kwargsrepr"), "retries": headers.get("retries", 0), "eta": None, "expires": None,
-        "queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": queue,
+        "queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": message.routing_key,
     }
     return Outgoing(EVENT_EXCHANGE, "task.sent", json.dumps(event).encode(), {"hostname": _HOSTNAME},
                     {"content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 1})
@@ -188,6 +192,7 @@ class Publisher:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings or load()
+        self._profile = queues.topology(self._settings.queue_type)
         sentry.init("client", self._settings)  # once per process; never over the host app's own init
         self._channel = ConfirmedChannel(self._settings)
 
@@ -207,7 +212,8 @@ class Publisher:
         Raises InvalidTaskInput (nothing sent), BrokerUnavailable or PublishError.
         """
         request = TaskRequest(name, args, kwargs, priority, queue, countdown, task_id)
-        task_id, message = build_message(request, self._settings.max_payload_bytes, self._settings.longest_wait)
+        task_id, message = build_message(request, self._settings.max_payload_bytes, self._settings.longest_wait,
+                                         self._profile)
         self._channel.publish(message)
         if self._settings.send_sent_events:
             self._channel.publish_events([sent_event(task_id, message)])
@@ -219,7 +225,8 @@ class Publisher:
         Every request is validated before the first is sent, so bad input sends
         nothing. A broken connection re-sends the unconfirmed window.
         """
-        built = [build_message(r, self._settings.max_payload_bytes, self._settings.longest_wait) for r in requests]
+        built = [build_message(r, self._settings.max_payload_bytes, self._settings.longest_wait, self._profile)
+                 for r in requests]
         self._channel.publish_many((m for _, m in built), window=window)
         if self._settings.send_sent_events:
             self._channel.publish_events([sent_event(task_id, m) for task_id, m in built])

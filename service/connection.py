@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import re
 import ssl
+import threading
 import time
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import amqp
 from kombu import Connection
 
 from service.errors import BrokerRefused, BrokerUnavailable
+from service.setting_rules import split_broker_urls
 from service.settings import Settings, redact_url
 
 #: First pause between two attempts to connect; each pause doubles, up to the next.
@@ -145,8 +148,61 @@ def _grant(vhost: str, user: str) -> str:
     )
 
 
+class _LastGoodNode:
+    """Index of the node (in KIT_BROKER_URL's list) this process last connected to; tried first next time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._index: dict[str, int] = {}
+
+    def order(self, url: str) -> list[str]:
+        """The node URLs of ``url``, starting with the one that worked last."""
+        nodes = split_broker_urls(url)
+        with self._lock:
+            first = self._index.get(url, 0) % len(nodes)
+        return nodes[first:] + nodes[:first]
+
+    def worked(self, url: str, node_url: str) -> None:
+        """Remember that ``node_url`` (one of ``url``'s nodes) took a connection."""
+        nodes = split_broker_urls(url)
+        with self._lock:
+            self._index[url] = nodes.index(node_url) if node_url in nodes else 0
+
+
+_last_good = _LastGoodNode()
+
+
+def open_connection(settings: Settings, timeout: float, **options: Any) -> Connection:
+    """One attempt at each node of KIT_BROKER_URL, the last good one first; the first that answers wins.
+
+    The connection returned keeps every node as its failover list, starting with
+    the one it is on, so kombu's own reconnects move on to the next node. Each
+    attempt may take at most ``timeout`` seconds. Raises BrokerRefused at once
+    for what retrying cannot heal (the nodes of a cluster share users and
+    vhosts), else the last node's error.
+    """
+    nodes = _last_good.order(settings.broker_url)
+    last_error: BaseException | None = None
+    for index, node in enumerate(nodes):
+        conn = Connection(";".join(nodes[index:] + nodes[:index]), connect_timeout=max(timeout, 0.1),
+                          ssl=dict(settings.broker_ssl) if settings.broker_ssl else False, **options)
+        try:
+            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)  # one attempt
+        except Exception as exc:  # noqa: BLE001 - sorted below into "refused" and "may heal"
+            conn.release()
+            refused = refusal(exc, node)
+            if refused is not None:
+                raise refused from None
+            last_error = exc
+            continue
+        _last_good.worked(settings.broker_url, node)
+        return conn
+    assert last_error is not None
+    raise last_error
+
+
 def connect(settings: Settings) -> Connection:
-    """Open a kombu connection to the broker, or raise.
+    """Open a kombu connection to the broker (any node of KIT_BROKER_URL), or raise.
 
     Transient failures are retried with a short backoff until
     ``settings.connect_timeout`` has passed, then BrokerUnavailable is raised;
@@ -156,16 +212,11 @@ def connect(settings: Settings) -> Connection:
     backoff = FIRST_BACKOFF_S
     while True:
         remaining = deadline - time.monotonic()
-        conn = Connection(settings.broker_url, connect_timeout=max(remaining, 0.1),
-                          ssl=settings.broker_ssl or False)
         try:
-            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)  # one attempt
-            return conn
-        except Exception as exc:  # noqa: BLE001 - sorted below into "refused" and "may heal"
-            conn.release()
-            refused = refusal(exc, settings.broker_url)
-            if refused is not None:
-                raise refused from None
+            return open_connection(settings, remaining)
+        except BrokerRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every node failed in a way that may heal
             last_error = exc
         if time.monotonic() + backoff >= deadline:
             raise BrokerUnavailable(

@@ -41,6 +41,11 @@ WAITS = "kit-waits"
 #: Epoch seconds when the message became (or becomes, after a wait) ready in its
 #: work queue: the start of its queue wait time.
 ENQUEUED_AT = "kit-enqueued-at"
+#: While ``topology migrate`` holds a message in a ``<queue>.migrating`` queue: the
+#: routing key it was delivered with, and its AMQP ``expiration`` (removed there, so
+#: a waiting retry cannot expire with no dead-letter exchange). Both go on the way back.
+MIGRATING_ROUTING_KEY = "kit-migrating-routing-key"
+MIGRATING_EXPIRATION = "kit-migrating-expiration"
 
 REASON_RETRIES_EXHAUSTED = "retries-exhausted"
 REASON_PERMANENT = "permanent-error"

@@ -19,7 +19,7 @@ from typing import Any
 import amqp
 from kombu import Connection
 
-from service.connection import refusal
+from service.connection import open_connection
 from service.errors import BrokerRefused, BrokerUnavailable, PublishError
 from service.settings import Settings, redact_url
 
@@ -59,6 +59,14 @@ def republished_properties(properties: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+class _Nacked(Exception):
+    """The broker refused (basic.nack) or returned (basic.return) some messages of a window: not queued."""
+
+    def __init__(self, refused: list[Outgoing], why: str) -> None:
+        super().__init__(why)
+        self.refused = refused
+
+
 class ConfirmedChannel:
     """A connection plus a channel in confirm mode, reopened when it breaks.
 
@@ -72,7 +80,7 @@ class ConfirmedChannel:
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._channel: amqp.Channel | None = None
-        self._returned: list[tuple[int, str, str, str]] = []
+        self._returned: list[tuple[Any, ...]] = []
         self._next_tag = 1
         self._event_channel: amqp.Channel | None = None
         self._events_broken = False
@@ -82,21 +90,10 @@ class ConfirmedChannel:
     def _open(self, remaining: float) -> amqp.Channel:
         if self._channel is not None:
             return self._channel
-        conn = Connection(
-            self._settings.broker_url,
-            ssl=self._settings.broker_ssl or False,
-            connect_timeout=min(self._settings.connect_timeout, max(remaining, 0.1)),
-            heartbeat=0,
-        )
-        try:
-            # One attempt: the publish loop retries within its own deadline.
-            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
-        except Exception as exc:
-            conn.release()
-            refused = refusal(exc, self._settings.broker_url)
-            if refused is not None:
-                raise refused from None  # a refused login, a missing vhost, TLS: retrying cannot help
-            raise
+        # One attempt per node (the last good one first): the publish loop retries within
+        # its own deadline. A refused login, a missing vhost or TLS raises BrokerRefused.
+        conn = open_connection(self._settings, min(self._settings.connect_timeout, max(remaining, 0.1)),
+                               heartbeat=0)
         channel = conn.channel()
         channel.confirm_select()
         channel.events["basic_return"].add(self._on_return)
@@ -105,9 +102,28 @@ class ConfirmedChannel:
         return channel
 
     def _on_return(self, exc, exchange, routing_key, message) -> None:
+        headers = getattr(message, "headers", None) or {}
         self._returned.append(
-            (getattr(exc, "reply_code", 312), getattr(exc, "reply_text", str(exc)), exchange, routing_key)
+            (getattr(exc, "reply_code", 312), getattr(exc, "reply_text", str(exc)), exchange, routing_key,
+             (exchange, routing_key, bytes(getattr(message, "body", b"") or b""), headers.get("id")))
         )
+
+    def _returned_of(self, batch: list[Outgoing]) -> tuple[list[Outgoing], str]:
+        """The messages of ``batch`` the broker returned unroutable, and why (in words)."""
+        if not self._returned:
+            return [], ""
+        keys = [r[4] for r in self._returned]
+        returned = []
+        for message in batch:
+            key = (message.exchange, message.routing_key, bytes(message.body), (message.headers or {}).get("id"))
+            if key in keys:
+                keys.remove(key)
+                returned.append(message)
+        code, text, exchange, routing_key, _ = self._returned[0]
+        why = (f"the broker returned {len(self._returned)} message(s) unroutable (exchange {exchange!r}, routing "
+               f"key {routing_key!r}: {code} {text}): their queue does not exist (run `python -m service topology "
+               "verify`) or, on a cluster, has no leader yet")
+        return returned or list(batch), why
 
     def _drop(self) -> None:
         self._event_channel = None
@@ -198,13 +214,21 @@ class ConfirmedChannel:
                 raise BrokerUnavailable(
                     f"the broker at {redact_url(self._settings.broker_url)} did not accept "
                     f"{len(batch)} message(s) within {self._deadline_s:g}s: {last_error}. "
-                    "Nothing was confirmed; check that RabbitMQ runs and is not in a memory "
+                    "None of them is confirmed; check that RabbitMQ runs (a quorum queue needs a majority of its "
+                    "nodes) and is not in a memory "
                     "or disk alarm, then publish again."
                 ) from None
             try:
                 channel = self._open(remaining)
                 self._send_and_confirm(channel, batch, remaining)
                 return
+            except _Nacked as exc:
+                # Not queued (a quorum queue between leaders, a node going down, a broker short of
+                # resources): publish exactly those again, on a fresh channel, until the deadline.
+                last_error = exc
+                batch = exc.refused
+                self._drop()
+                time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
             except (PublishError, BrokerRefused):
                 raise  # refused by the broker (_open sorts out what cannot heal): retrying cannot help
             except amqp.exceptions.AccessRefused as exc:
@@ -226,21 +250,26 @@ class ConfirmedChannel:
                 time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
 
     def _send_and_confirm(self, channel: amqp.Channel, batch: list[Outgoing], timeout: float) -> None:
+        """Publish ``batch`` and wait for its confirms; _Nacked with the messages that were not queued."""
         self._returned.clear()
+        nacked: list[Outgoing] = []
         if len(batch) == 1:
-            self._basic_publish(channel, batch[0], confirm_timeout=timeout)
-            self._next_tag += 1
+            try:
+                self._basic_publish(channel, batch[0], confirm_timeout=timeout)
+            except amqp.exceptions.MessageNacked:
+                nacked = list(batch)
+            finally:
+                self._next_tag += 1
         else:
-            self._publish_window_and_wait(channel, batch, timeout)
-        if self._returned:
-            code, text, exchange, key = self._returned[0]
-            raise PublishError(
-                f"the broker could not route a message to exchange {exchange!r} with "
-                f"routing key {key!r} ({code} {text}): the queue does not exist. Run "
-                "`python -m service topology declare`."
-            )
+            nacked = self._publish_window_and_wait(channel, batch, timeout)
+        returned, why = self._returned_of(batch)
+        refused = nacked + [m for m in returned if all(m is not n for n in nacked)]
+        if refused:
+            raise _Nacked(refused, why or f"the broker refused (nack) {len(nacked)} message(s): not queued")
 
-    def _publish_window_and_wait(self, channel: amqp.Channel, batch: list[Outgoing], timeout: float) -> None:
+    def _publish_window_and_wait(self, channel: amqp.Channel, batch: list[Outgoing],
+                                 timeout: float) -> list[Outgoing]:
+        """Publish a window and wait for every confirm; the messages the broker nacked."""
         first_tag = self._next_tag
         last_tag = first_tag + len(batch) - 1
         confirmed: set[int] = set()
@@ -277,11 +306,7 @@ class ConfirmedChannel:
         finally:
             channel.events["basic_ack"].discard(on_ack)
             channel.events["basic_nack"].discard(on_nack)
-        if nacked:
-            raise PublishError(
-                f"the broker refused (nack) {len(nacked)} of {len(batch)} messages; "
-                "it is likely out of resources. Those were not queued."
-            )
+        return [batch[tag - first_tag] for tag in sorted(nacked)]
 
     @staticmethod
     def _basic_publish(channel: amqp.Channel, message: Outgoing, confirm_timeout: float | None = None) -> None:

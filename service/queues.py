@@ -16,6 +16,16 @@ queue takes (a routing key that is not a work queue's name, from a plain Celery
 app or a deleted queue) is parked in UNROUTABLE_QUEUE, which the dlq tools
 show. Nothing here talks to the broker: ``service.topology`` declares and
 verifies these definitions, Celery's configuration and the client read them.
+
+Two profiles (KIT_QUEUE_TYPE, ``topology(queue_type)``) share these names:
+``classic`` for one node, and ``quorum`` for a cluster, where every queue is
+replicated, every dead-lettering hop is at-least-once and each work queue has
+a high lane (``<queue>.high``) that stands in for message priority.
+
+Why this module is over 400 lines (about 425): it is the one source of every
+exchange, queue, argument, routing rule and priority of both profiles, which
+compose, the local stack, the broker definitions, the workers, the client and
+the tests all read; split, the names would again live in two places.
 """
 
 from __future__ import annotations
@@ -50,6 +60,22 @@ PRIORITIES: MappingProxyType[str, int] = MappingProxyType(
 MAX_PRIORITY = max(PRIORITIES.values())
 DEFAULT_PRIORITY = "normal"
 
+#: Queue types of the topology (KIT_QUEUE_TYPE). ``classic`` is for one broker
+#: node; ``quorum`` for a cluster: every queue replicated on a majority of nodes.
+QUEUE_TYPES: tuple[str, ...] = ("classic", "quorum")
+DEFAULT_QUEUE_TYPE = "classic"
+#: On the quorum profile each work queue has a high lane, ``<queue>.high``, that
+#: workers consume beside it: quorum queues on RabbitMQ 3.x ignore message
+#: priority, so a task of HIGH_LANE_PRIORITY or more is routed there instead and
+#: overtakes the work queue's backlog.
+HIGH_LANE_SUFFIX = ".high"
+HIGH_LANE_PRIORITY = PRIORITIES["high"]
+#: x-delivery-limit of the quorum work queues: the broker dead-letters a message
+#: returned this many times (reason ``delivery_limit``). A backstop behind the
+#: worker's own poison-message limit (KIT_MAX_WORKER_LOST, which must be lower),
+#: and RabbitMQ 4's default for quorum queues.
+DELIVERY_LIMIT = 20
+
 #: Delay tiers of the wait queues, in seconds. A wait lasts between the delay
 #: asked for and the ceiling of the smallest tier that holds it.
 WAIT_TIERS_S: tuple[int, ...] = tuple(2**n for n in range(13))  # 1 s .. 4096 s (68 min)
@@ -64,7 +90,12 @@ class Queue:
     exchange: str
     binding_key: str = ""
     binding_arguments: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    kind: str = "work"  # work | dead | wait
+    kind: str = "work"  # work | lane | dead | wait
+
+    @property
+    def queue_type(self) -> str:
+        """``classic`` or ``quorum``, from the arguments."""
+        return str(self.arguments.get("x-queue-type", "classic"))
 
 
 @dataclass(frozen=True)
@@ -94,53 +125,102 @@ def lock_queue_name(dead_letter_queue: str) -> str:
     return f"{dead_letter_queue}.lock"
 
 
+#: ``topology migrate``'s lock: an exclusive queue on the migrating connection, so
+#: two migrations never run at once (the broker drops it when that connection goes).
+MIGRATION_LOCK_QUEUE = "kit.topology.migrate.lock"
+#: Suffix of the queue that holds a queue's messages while ``topology migrate``
+#: re-creates that queue with the other type (RabbitMQ cannot change a queue's type).
+MIGRATING_SUFFIX = ".migrating"
+
+
+def holding_queue_name(queue: str) -> str:
+    """The queue that holds ``queue``'s messages while ``topology migrate`` re-creates it."""
+    return f"{queue}{MIGRATING_SUFFIX}"
+
+
+def migration_exchange_name(queue: str) -> str:
+    """The fanout exchange, bound to ``queue`` alone, that ``topology migrate`` puts messages back through."""
+    return f"kit.migrate.{queue}"
+
+
+#: Beat's schedule lease: an exclusive, auto-delete queue. The beat whose
+#: connection declared it schedules; it vanishes when that connection closes
+#: (service.beat.lease).
+BEAT_LEASE_QUEUE = "kit.beat.lease"
+#: Beat's schedule state on the broker: a durable queue holding one message (the
+#: last run of every entry), published through its own direct exchange, so a
+#: beat that takes the lease goes on where the last one stopped (service.beat.state).
+BEAT_STATE_QUEUE = "kit.beat.state"
+BEAT_STATE_EXCHANGE = "kit.beat"
+
+
 def wait_tier_name(seconds: int) -> str:
     """Name of a delay tier, used in the wait queue's name and WAIT_HEADER."""
     return f"{seconds}s"
 
 
-def _work_queue(name: str) -> Queue:
-    return Queue(
-        name=name,
-        exchange=TASK_EXCHANGE,
-        binding_key=name,
-        arguments=_frozen(
-            {
-                "x-max-priority": MAX_PRIORITY,
-                # A message the broker rejects (or the worker gives up on without
-                # publishing its own dead letter) still reaches the DLQ.
-                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-                "x-dead-letter-routing-key": name,
-            }
-        ),
-    )
+def high_lane_name(work_queue: str) -> str:
+    """Name of a work queue's high lane (quorum profile)."""
+    return f"{work_queue}{HIGH_LANE_SUFFIX}"
 
 
-def _dead_letter_queue(work_queue: str) -> Queue:
+def _quorum(arguments: dict[str, Any], dead_letters: bool) -> dict[str, Any]:
+    """``arguments`` of a quorum queue; one that dead-letters does it at-least-once."""
+    arguments = {"x-queue-type": "quorum", **arguments}
+    if dead_letters:
+        # The broker keeps a dead letter until the target queue has confirmed it;
+        # RabbitMQ needs overflow reject-publish for that strategy.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def _work_queue(name: str, queue_type: str = DEFAULT_QUEUE_TYPE, lane_of: str = "") -> Queue:
+    work = lane_of or name
+    # A message the broker rejects (or the worker gives up on without publishing
+    # its own dead letter) still reaches the DLQ of the work queue.
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE, "x-dead-letter-routing-key": work}
+    if queue_type == "quorum":
+        arguments = _quorum({**arguments, "x-delivery-limit": DELIVERY_LIMIT}, dead_letters=True)
+    else:
+        arguments = {"x-max-priority": MAX_PRIORITY, **arguments}
+    return Queue(name=name, exchange=TASK_EXCHANGE, binding_key=name, arguments=_frozen(arguments),
+                 kind="lane" if lane_of else "work")
+
+
+def _dead_letter_queue(work_queue: str, queue_type: str = DEFAULT_QUEUE_TYPE) -> Queue:
     return Queue(
         name=dead_letter_queue_name(work_queue),
         exchange=DEAD_LETTER_EXCHANGE,
         binding_key=work_queue,
-        arguments=_frozen({}),
+        arguments=_frozen(_quorum({}, dead_letters=False) if queue_type == "quorum" else {}),
         kind="dead",
     )
 
 
-def _wait_queue(seconds: int) -> Queue:
+def _wait_queue(seconds: int, queue_type: str = DEFAULT_QUEUE_TYPE) -> Queue:
     tier = wait_tier_name(seconds)
+    arguments: dict[str, Any] = {
+        "x-message-ttl": seconds * 1000,
+        # No x-dead-letter-routing-key: an expired message keeps the routing
+        # key it was published with, which is its work queue's name.
+        "x-dead-letter-exchange": TASK_EXCHANGE,
+    }
     return Queue(
         name=f"{TASK_EXCHANGE}.wait.{tier}",
         exchange=RETRY_EXCHANGE,
         binding_arguments=_frozen({"x-match": "all", WAIT_HEADER: tier}),
-        arguments=_frozen(
-            {
-                "x-message-ttl": seconds * 1000,
-                # No x-dead-letter-routing-key: an expired message keeps the routing
-                # key it was published with, which is its work queue's name.
-                "x-dead-letter-exchange": TASK_EXCHANGE,
-            }
-        ),
+        arguments=_frozen(_quorum(arguments, dead_letters=True) if queue_type == "quorum" else arguments),
         kind="wait",
+    )
+
+
+def _unroutable_queue(queue_type: str = DEFAULT_QUEUE_TYPE) -> Queue:
+    return Queue(
+        name=UNROUTABLE_QUEUE,
+        exchange=UNROUTABLE_EXCHANGE,  # fanout: the binding key is ignored
+        arguments=_frozen(_quorum({}, dead_letters=False) if queue_type == "quorum" else {}),
+        kind="dead",
     )
 
 
@@ -148,20 +228,84 @@ def _wait_queue(seconds: int) -> Queue:
 WORK_QUEUE_NAMES: tuple[str, ...] = ("urgent", "default", "bulk")
 DEFAULT_QUEUE = "default"
 
-WORK_QUEUES: tuple[Queue, ...] = tuple(_work_queue(n) for n in WORK_QUEUE_NAMES)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every queue of one profile (KIT_QUEUE_TYPE), with the arguments it must be declared with.
+
+    The names are the same on both profiles, except that only ``quorum`` has
+    the high lanes. Get one with ``topology(queue_type)``.
+    """
+
+    queue_type: str
+    work_queues: tuple[Queue, ...]
+    lanes: tuple[Queue, ...]
+    dead_letter_queues: tuple[Queue, ...]
+    wait_queues: tuple[Queue, ...]
+
+    @property
+    def all_queues(self) -> tuple[Queue, ...]:
+        """Work queues, lanes, dead-letter queues and wait queues, in the order they are declared."""
+        return self.work_queues + self.lanes + self.dead_letter_queues + self.wait_queues
+
+    def consumed(self, work_queue_names: tuple[str, ...] | list[str]) -> list[str]:
+        """The queues a worker of ``work_queue_names`` consumes: each work queue, then its lane (quorum)."""
+        names: list[str] = []
+        for name in work_queue_names:
+            work_queue(name)  # raises for a name that is no work queue
+            names.append(name)
+            if self.lanes:
+                names.append(high_lane_name(name))
+        return names
+
+    def routing_key(self, work_queue_name: str, priority: int) -> str:
+        """The routing key (in TASK_EXCHANGE) of a task for ``work_queue_name`` at ``priority``.
+
+        The work queue's name, except on the quorum profile for HIGH_LANE_PRIORITY
+        or more: its high lane's name.
+        """
+        if self.lanes and priority >= HIGH_LANE_PRIORITY:
+            return high_lane_name(work_queue_name)
+        return work_queue_name
+
+
+def _topology(queue_type: str) -> Topology:
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"unknown queue type {queue_type!r}; use one of {', '.join(QUEUE_TYPES)}")
+    lanes = () if queue_type == "classic" else tuple(
+        _work_queue(high_lane_name(n), queue_type, lane_of=n) for n in WORK_QUEUE_NAMES)
+    return Topology(
+        queue_type=queue_type,
+        work_queues=tuple(_work_queue(n, queue_type) for n in WORK_QUEUE_NAMES),
+        lanes=lanes,
+        dead_letter_queues=tuple(_dead_letter_queue(n, queue_type) for n in WORK_QUEUE_NAMES)
+        + (_unroutable_queue(queue_type),),
+        wait_queues=tuple(_wait_queue(s, queue_type) for s in WAIT_TIERS_S),
+    )
+
+
+_TOPOLOGIES: MappingProxyType[str, Topology] = MappingProxyType({t: _topology(t) for t in QUEUE_TYPES})
+
+
+def topology(queue_type: str = DEFAULT_QUEUE_TYPE) -> Topology:
+    """The topology of a profile; raises ValueError naming the profiles for another ``queue_type``."""
+    if queue_type not in _TOPOLOGIES:
+        raise ValueError(f"unknown queue type {queue_type!r}; use one of {', '.join(QUEUE_TYPES)}")
+    return _TOPOLOGIES[queue_type]
+
+
+# The classic profile's queues, by kind (names are the same on both profiles).
+_CLASSIC = _TOPOLOGIES[DEFAULT_QUEUE_TYPE]
+WORK_QUEUES: tuple[Queue, ...] = _CLASSIC.work_queues
 #: The queue of unroutable task messages (see UNROUTABLE_QUEUE).
-UNROUTABLE: Queue = Queue(
-    name=UNROUTABLE_QUEUE,
-    exchange=UNROUTABLE_EXCHANGE,  # fanout: the binding key is ignored
-    arguments=_frozen({}),
-    kind="dead",
-)
+UNROUTABLE: Queue = _CLASSIC.dead_letter_queues[-1]
 #: Every queue the dlq tools work on: each work queue's dead-letter queue, in
 #: the order of the work queues, then UNROUTABLE_QUEUE.
-DEAD_LETTER_QUEUES: tuple[Queue, ...] = tuple(_dead_letter_queue(n) for n in WORK_QUEUE_NAMES) + (UNROUTABLE,)
+DEAD_LETTER_QUEUES: tuple[Queue, ...] = _CLASSIC.dead_letter_queues
 DEAD_LETTER_QUEUE_NAMES: tuple[str, ...] = tuple(q.name for q in DEAD_LETTER_QUEUES)
-WAIT_QUEUES: tuple[Queue, ...] = tuple(_wait_queue(s) for s in WAIT_TIERS_S)
-ALL_QUEUES: tuple[Queue, ...] = WORK_QUEUES + DEAD_LETTER_QUEUES + WAIT_QUEUES
+WAIT_QUEUES: tuple[Queue, ...] = _CLASSIC.wait_queues
+ALL_QUEUES: tuple[Queue, ...] = _CLASSIC.all_queues
 
 #: Every exchange of the kit, with its arguments. TASK_EXCHANGE's alternate
 #: exchange catches what no work queue is bound for.
@@ -209,6 +353,12 @@ def queue_for_task(task_name: str) -> str:
         if pattern.endswith("*") and task_name.startswith(pattern[:-1]):
             return queue
     return DEFAULT_QUEUE
+
+
+def work_queue_of_key(routing_key: str) -> str | None:
+    """The work queue a task's routing key belongs to (its name, or its high lane's); None for another key."""
+    name = routing_key.removesuffix(HIGH_LANE_SUFFIX)
+    return name if name in WORK_QUEUE_NAMES else None
 
 
 def wait_tier_for(delay_s: float) -> int:

@@ -118,7 +118,7 @@ _ACCEPTED: dict[str, Callable[[Setting], str]] = {
     DIR: lambda s: "the path of a directory (created when missing)",
     MODULES: lambda s: "empty, or comma-separated Python module names",
     BROKER_URL: lambda s: f"a {', '.join(f'{x}://' for x in AMQP_SCHEMES[:-1])} or {AMQP_SCHEMES[-1]}:// URL "
-                          "with a host",
+                          "with a host, or several (one per cluster node) separated by ';'",
     SENTRY_DSN: lambda s: "empty, or a Sentry DSN: http(s)://key@host/project",
     TIMEZONE: lambda s: "an IANA time zone name such as UTC or Asia/Shanghai",
     HTTP_URL: lambda s: "an http:// or https:// URL with a host and no credentials",
@@ -235,13 +235,30 @@ def _url_parts(raw: str) -> SplitResult:
     return parts
 
 
+def split_broker_urls(raw: str) -> list[str]:
+    """The node URLs of a broker URL: one, or several separated by ``;`` (kombu's failover syntax)."""
+    return [part.strip() for part in raw.split(";")]
+
+
 def _parse_broker_url(setting: Setting, raw: str) -> str:
-    parts = _url_parts(raw)
-    if "://" not in raw or parts.scheme.lower() not in AMQP_SCHEMES:
-        raise _Rejected("is not an AMQP URL")
-    if not parts.hostname:
-        raise _Rejected("names no host")
-    return raw
+    urls = split_broker_urls(raw)
+    if len(urls) > 1 and any(not url for url in urls):
+        raise _Rejected("has an empty node between two ';' (write node URLs as url1;url2;url3)")
+    seen: tuple[str, str, str] | None = None
+    for number, url in enumerate(urls, start=1):
+        which = f"node {number} of {len(urls)} " if len(urls) > 1 else ""
+        parts = _url_parts(url)
+        if "://" not in url or parts.scheme.lower() not in AMQP_SCHEMES:
+            raise _Rejected(f"{which}is not an AMQP URL".strip() if which else "is not an AMQP URL")
+        if not parts.hostname:
+            raise _Rejected(f"{which}names no host".strip() if which else "names no host")
+        # One cluster: every node is reached the same way, as the same user, into the same vhost.
+        same = (parts.scheme.lower(), parts.username or "", parts.path)
+        if seen is not None and same != seen:
+            raise _Rejected(f"{which}differs from node 1 in its scheme, user or vhost; the nodes of one cluster "
+                            "share them (only host and port differ)")
+        seen = same
+    return ";".join(urls)
 
 
 def _parse_http_url(setting: Setting, raw: str) -> str:
@@ -345,13 +362,15 @@ def read_secret(path: str | Path, *, unreadable: str, empty: str, missing: str |
 
 
 def redact_url(url: str) -> str:
-    """Hide the password of a URL for messages and logs."""
+    """Hide the password of a URL (of each node's, in a ``;`` list) for messages and logs."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     if "://" not in url or "@" not in url:
         return url
     scheme, rest = url.split("://", 1)
     creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    user, has_password, _ = creds.partition(":")
+    return f"{scheme}://{user}:***@{host}" if has_password else url
 
 
 def redact_dsn(dsn: str) -> str:

@@ -7,6 +7,10 @@ accepted. The README's configuration table is generated from ``SETTINGS``
 below (``python -m service config --markdown``), so the names, defaults,
 accepted ranges and descriptions live in exactly one place. The kinds of value
 and how each is checked are ``service.setting_rules`` (re-exported here).
+
+Why this module is over 400 lines (about 440): ``SETTINGS`` is the table of
+every setting with its description, which the README's table is generated
+from; the checks that span two settings sit right below it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from service.queues import WAIT_TIERS_S
+from service.queues import DELIVERY_LIMIT, QUEUE_TYPES, WAIT_TIERS_S
 from service.setting_rules import (
     AMQP_SCHEMES,
     BOOL,
@@ -42,6 +46,7 @@ from service.setting_rules import (
     read_secret,
     redact_dsn,
     redact_url,
+    split_broker_urls,
 )
 
 __all__ = [
@@ -79,10 +84,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "KIT_BROKER_URL",
         "pyamqp://kit-admin@127.0.0.1:5672/kit",
-        "Broker URL, without the password when KIT_BROKER_PASSWORD_FILE is set. Use the "
+        "Broker URL, without the password when KIT_BROKER_PASSWORD_FILE is set; for a cluster, one URL "
+        "per node separated by `;` (clients fail over between them). Use the "
         "`pyamqp://` (or `amqps://`) scheme: plain `amqp://` silently switches to librabbitmq "
         "where it is installed. The default is the local stack's administrator (see README).",
         BROKER_URL,
+    ),
+    Setting(
+        "KIT_QUEUE_TYPE",
+        "classic",
+        "Queue type of the topology: `classic` (one broker node; priorities by x-max-priority) or "
+        "`quorum` (a 3-node cluster: replicated queues, at-least-once dead-lettering, priorities by "
+        "a high lane per work queue). See README, \"Running on a cluster\".",
+        CHOICE,
+        choices=QUEUE_TYPES,
     ),
     Setting(
         "KIT_BROKER_PASSWORD_FILE",
@@ -222,6 +237,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _seconds("KIT_CLEANUP_INTERVAL", "3600", "Seconds between periodic clean-ups scheduled by beat.",
              1, 7 * 86400),
+    _seconds("KIT_BEAT_LEASE_RETRY", "5",
+             "Seconds between a standby beat's attempts to take the schedule lease: how long the schedule "
+             "pauses at most when the active beat dies (a hung one: plus 10 to 15 s, until the broker "
+             "misses the heartbeats of its lease connection). "
+             "See README, \"Beat\".",
+             0.1, 600),
     _seconds("KIT_WEBHOOK_TIMEOUT", "10", "Seconds a webhook delivery may take.", 0.1, MAX_TIMEOUT_S),
     Setting(
         "KIT_WEBHOOK_SECRET_FILE",
@@ -264,32 +285,50 @@ def _check_time_limits(values: dict[str, Any]) -> None:
         )
 
 
+def _check_delivery_limit(values: dict[str, Any]) -> None:
+    """On quorum queues the broker's x-delivery-limit is only a backstop: the worker's own limit comes first."""
+    if values["KIT_QUEUE_TYPE"] == "quorum" and values["KIT_MAX_WORKER_LOST"] >= DELIVERY_LIMIT:
+        raise ConfigError(
+            f"KIT_MAX_WORKER_LOST ({values['KIT_MAX_WORKER_LOST']}) must be below the quorum work queues' "
+            f"x-delivery-limit ({DELIVERY_LIMIT}) with KIT_QUEUE_TYPE=quorum, or the broker dead-letters a "
+            "poison message (reason delivery_limit) before the worker can say why; lower it."
+        )
+
+
 def validate() -> dict[str, Any]:
     """Every setting of SETTINGS read from the environment and checked, by name; raises ConfigError."""
     values = {s.name: parse(s, _raw(s.name)) for s in SETTINGS}
     _check_time_limits(values)
+    _check_delivery_limit(values)
     return values
 
 
 def _with_password_file(url: str, path: str) -> str:
-    """``url`` with the password of KIT_BROKER_PASSWORD_FILE (``path``), when one is set."""
+    """``url`` (each node's, in a ``;`` list) with the password of KIT_BROKER_PASSWORD_FILE (``path``), when set."""
     if not path:
         return url
     password = read_secret(path, unreadable=f"KIT_BROKER_PASSWORD_FILE={path!r} cannot be read: {{error}}.",
                            empty=f"KIT_BROKER_PASSWORD_FILE={path!r} is empty; it must hold the broker password.")
-    scheme, rest = url.split("://", 1)
-    if "@" not in rest:
-        raise ConfigError("KIT_BROKER_PASSWORD_FILE is set but KIT_BROKER_URL names no user (user@host).")
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:{quote(password, safe='')}@{host}"
+    with_password = []
+    for node_url in split_broker_urls(url):
+        scheme, rest = node_url.split("://", 1)
+        if "@" not in rest:
+            raise ConfigError("KIT_BROKER_PASSWORD_FILE is set but KIT_BROKER_URL names no user (user@host).")
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        with_password.append(f"{scheme}://{user}:{quote(password, safe='')}@{host}")
+    return ";".join(with_password)
 
 
 def _broker_ssl(url: str, values: dict[str, Any]) -> dict[str, Any] | None:
     """TLS options for amqps:// URLs: the server's certificate and host name are verified."""
-    if urlsplit(url).scheme.lower() != "amqps":
+    nodes = split_broker_urls(url)
+    if urlsplit(nodes[0]).scheme.lower() != "amqps":
         return None
-    options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": urlsplit(url).hostname or ""}
+    # With several nodes, kombu puts the host of the node it connects to here (None); their
+    # certificates must then also name that host (one certificate with every node's name).
+    hostname = urlsplit(nodes[0]).hostname or "" if len(nodes) == 1 else None
+    options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": hostname}
     for name, key in (("KIT_BROKER_CA_FILE", "ca_certs"), ("KIT_BROKER_CLIENT_CERT_FILE", "certfile"),
                       ("KIT_BROKER_CLIENT_KEY_FILE", "keyfile")):
         if values[name]:
@@ -301,8 +340,9 @@ def _broker_ssl(url: str, values: dict[str, Any]) -> dict[str, Any] | None:
 class Settings:
     """A snapshot of the configuration, validated when it is read."""
 
-    broker_url: str
+    broker_url: str  # every node's URL, joined by ";" (kombu's failover syntax)
     broker_ssl: dict[str, Any] | None
+    queue_type: str
     declare_topology: bool
     admin_url: str
     admin_user: str
@@ -332,6 +372,7 @@ class Settings:
     report_dir: Path
     report_max_age_hours: float
     cleanup_interval: float
+    beat_lease_retry: float
     webhook_timeout: float
     webhook_secret_file: str
     sentry_dsn: str
@@ -352,6 +393,7 @@ def load() -> Settings:
     return Settings(
         broker_url=url,
         broker_ssl=_broker_ssl(url, v),
+        queue_type=v["KIT_QUEUE_TYPE"],
         declare_topology=v["KIT_DECLARE_TOPOLOGY"],
         admin_url=v["KIT_ADMIN_URL"],
         admin_user=v["KIT_ADMIN_USER"],
@@ -381,6 +423,7 @@ def load() -> Settings:
         report_dir=v["KIT_REPORT_DIR"],
         report_max_age_hours=v["KIT_REPORT_MAX_AGE_HOURS"],
         cleanup_interval=v["KIT_CLEANUP_INTERVAL"],
+        beat_lease_retry=v["KIT_BEAT_LEASE_RETRY"],
         webhook_timeout=v["KIT_WEBHOOK_TIMEOUT"],
         webhook_secret_file=v["KIT_WEBHOOK_SECRET_FILE"],
         sentry_dsn=v["SENTRY_DSN"],

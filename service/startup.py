@@ -52,14 +52,15 @@ def check_worker(queue_names: Iterable[str] | None, settings: Settings | None = 
     settings = settings or load()
     conn = connect(settings)
     try:
+        profile = queues.topology(settings.queue_type)
         if settings.declare_topology:
             from service.topology import declare
 
-            declare(conn)
+            declare(conn, profile)
             return
         from service.topology import missing
 
-        absent = missing(conn)  # the whole topology: retries and dead letters need theirs too
+        absent = missing(conn, profile=profile)  # the whole topology: retries and dead letters need theirs too
         if absent:
             _, vhost = user_and_vhost(settings.broker_url)
             named = ", ".join(f"{d.kind} {d.name!r}" for d in absent[:_NAMED])
@@ -75,8 +76,16 @@ def check_worker(queue_names: Iterable[str] | None, settings: Settings | None = 
 
 
 def check_beat(settings: Settings | None = None) -> None:
-    """What beat needs before it schedules anything: a broker that lets its user in."""
-    connect(settings or load()).release()
+    """What beat needs before it schedules anything: a broker that lets its user in, and the rights on its
+    schedule lease and state (``service.beat.rights``): else BrokerRefused naming the right."""
+    from service.beat.rights import check_rights
+
+    settings = settings or load()
+    conn = connect(settings)
+    try:
+        check_rights(conn, settings.queue_type)
+    finally:
+        conn.release()
 
 
 def exit_with(error: BaseException) -> NoReturn:

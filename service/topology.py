@@ -7,6 +7,10 @@ the queue or exchange, the argument, both values and the fix.
 A user without the rights to declare gets a BrokerRefused naming the right.
 ``connect`` (from service.connection) opens the connection these work on;
 ``declare_on(settings)`` connects, declares and closes in one call.
+
+Each function works on one profile of ``service.queues.topology`` (KIT_QUEUE_TYPE:
+classic or quorum; default classic). A queue of the other type is drift whose
+fix is ``python -m service topology migrate``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from service.connection import connect, permission_refused
 from service.errors import KitError
 from service.settings import Settings
 
-__all__ = ["Drift", "TopologyConflict", "connect", "declare", "declare_on", "exchange_fix", "missing", "verify"]
+__all__ = [
+    "Drift", "TopologyConflict", "connect", "declare", "declare_on", "exchange_fix", "missing", "type_fix", "verify",
+]
 
 #: What a declare needs: configure on the exchange or queue declared.
 _DECLARE_RIGHTS = {"exchange": "configure", "queue": "configure"}
@@ -67,10 +73,27 @@ class Drift:
         """One line for humans."""
         if self.problem == "missing":
             return f"{self.kind} {self.name!r} is missing (run `python -m service topology declare`)"
+        if self.argument == "x-queue-type":
+            return type_fix(self)
         text = f"{self.kind} {self.name!r}: {self.argument} is {self.live} on the broker, the code wants {self.wanted}"
         if self.kind == "exchange":
             text += f". {exchange_fix(self.name, self.vhost)}"
         return text
+
+
+def _type_name(value: str) -> str:
+    return "classic" if value in ("unset", "classic") else value
+
+
+def type_fix(drift: Drift) -> str:
+    """What to do about a queue of the other type than KIT_QUEUE_TYPE's profile (RabbitMQ cannot convert one)."""
+    live, wanted = _type_name(drift.live), _type_name(drift.wanted)
+    return (
+        f"queue {drift.name!r} is a {live} queue on the broker, but KIT_QUEUE_TYPE={wanted} wants a {wanted} "
+        f"queue. RabbitMQ cannot change a queue's type: move the whole topology with its messages by `python -m "
+        f"service topology migrate --to {wanted} --dry-run`, then without --dry-run (stop the workers first), "
+        f"or set KIT_QUEUE_TYPE={live} if the broker is right"
+    )
 
 
 class TopologyConflict(KitError):
@@ -78,6 +101,9 @@ class TopologyConflict(KitError):
 
     def __init__(self, drift: Drift) -> None:
         self.drift = drift
+        if drift.argument == "x-queue-type":
+            super().__init__(type_fix(drift) + ".")
+            return
         super().__init__(
             f"{drift.kind} {drift.name!r} already exists on the broker with "
             f"{drift.argument}={drift.live}, but service/queues.py wants "
@@ -131,6 +157,41 @@ def _conflict_from(error: amqp.exceptions.PreconditionFailed, kind: str, name: s
     )
 
 
+def _of_other_type(conn: Connection, name: str, profile: queues.Topology) -> str | None:
+    """The other profile's queue type when queue ``name`` matches that profile exactly, else None.
+
+    RabbitMQ names only the first argument that differs, which for a queue of
+    the other type is seldom ``x-queue-type``; this declare (the queue exists,
+    so it only compares) tells a queue of the wrong type from one with a
+    wrong argument.
+    """
+    for queue_type in queues.QUEUE_TYPES:
+        if queue_type == profile.queue_type:
+            continue
+        twin = next((q for q in queues.topology(queue_type).all_queues if q.name == name), None)
+        if twin is None:
+            continue
+        channel = conn.channel()
+        try:
+            _declare_queue(channel, twin)
+            return queue_type
+        except amqp.exceptions.PreconditionFailed:
+            continue
+        finally:
+            _close_quietly(channel)
+    return None
+
+
+def _queue_drift(conn: Connection, error: amqp.exceptions.PreconditionFailed, queue: queues.Queue,
+                 profile: queues.Topology) -> Drift:
+    """The Drift a PRECONDITION_FAILED on ``queue`` means: its type, or the argument RabbitMQ named."""
+    other = _of_other_type(conn, queue.name, profile)
+    if other is not None:
+        return Drift("queue", queue.name, "arguments", "x-queue-type", live=other, wanted=profile.queue_type,
+                     vhost=_vhost(conn))
+    return _conflict_from(error, "queue", queue.name)
+
+
 def _vhost(conn: Connection) -> str:
     return str(getattr(conn, "virtual_host", "") or "")
 
@@ -157,12 +218,14 @@ def _declare_queue(channel, queue: queues.Queue, passive: bool = False) -> None:
     )
 
 
-def declare(conn: Connection) -> None:
-    """Declare every exchange, queue and binding. Safe to run any number of times.
+def declare(conn: Connection, profile: queues.Topology | None = None) -> None:
+    """Declare every exchange, queue and binding of ``profile`` (default: classic). Safe to run any number of times.
 
-    Raises TopologyConflict when a live queue or exchange has other arguments,
-    BrokerRefused when the user may not declare (403: it lacks configure rights).
+    Raises TopologyConflict when a live queue or exchange has other arguments
+    (or is of the other queue type), BrokerRefused when the user may not
+    declare (403: it lacks configure rights).
     """
+    profile = profile or queues.topology()
     channel = conn.channel()
     try:
         for exchange in queues.EXCHANGE_DEFINITIONS:
@@ -183,11 +246,12 @@ def declare(conn: Connection) -> None:
                         "also needs read on it)", _DECLARE_RIGHTS, _DECLARE_ADVICE,
                     ) from None
                 raise
-        for queue in queues.ALL_QUEUES:
+        for queue in profile.all_queues:
             try:
                 _declare_queue(channel, queue)
             except amqp.exceptions.PreconditionFailed as exc:
-                raise TopologyConflict(_conflict_from(exc, "queue", queue.name)) from None
+                _close_quietly(channel)
+                raise TopologyConflict(_queue_drift(conn, exc, queue, profile)) from None
             try:
                 channel.queue_bind(
                     queue.name,
@@ -204,23 +268,25 @@ def declare(conn: Connection) -> None:
 
 
 def declare_on(settings: Settings) -> None:
-    """Connect with ``settings``, declare the whole topology (``declare``) and close the connection."""
+    """Connect with ``settings``, declare the whole topology of its KIT_QUEUE_TYPE (``declare``) and close."""
     conn = connect(settings)
     try:
-        declare(conn)
+        declare(conn, queues.topology(settings.queue_type))
     finally:
         conn.release()
 
 
-def verify(conn: Connection) -> list[Drift]:
-    """Compare the live broker with the code, creating nothing.
+def verify(conn: Connection, profile: queues.Topology | None = None) -> list[Drift]:
+    """Compare the live broker with ``profile`` (default: classic), creating nothing.
 
-    Returns the differences found (empty when the broker matches). A channel
-    error closes the channel, so each check gets a fresh one.
+    Returns the differences found (empty when the broker matches); a queue of
+    the other type is a Drift of argument ``x-queue-type``. A channel error
+    closes the channel, so each check gets a fresh one.
     """
+    profile = profile or queues.topology()
     drift: list[Drift] = []
     checks: list[tuple[str, str, object]] = [("exchange", x.name, x) for x in queues.EXCHANGE_DEFINITIONS]
-    checks += [("queue", q.name, q) for q in queues.ALL_QUEUES]
+    checks += [("queue", q.name, q) for q in profile.all_queues]
     for kind, name, spec in checks:
         channel = conn.channel()
         try:
@@ -235,7 +301,10 @@ def verify(conn: Connection) -> list[Drift]:
         except amqp.exceptions.NotFound:
             drift.append(Drift(kind, name, "missing"))
         except amqp.exceptions.PreconditionFailed as exc:
-            drift.append(_conflict_from(exc, kind, name, _vhost(conn)))
+            if kind == "queue":
+                drift.append(_queue_drift(conn, exc, spec, profile))
+            else:
+                drift.append(_conflict_from(exc, kind, name, _vhost(conn)))
         except amqp.exceptions.AccessRefused as exc:
             # RabbitMQ wants configure rights even for a declare that changes nothing.
             raise permission_refused(
@@ -247,15 +316,17 @@ def verify(conn: Connection) -> list[Drift]:
     return drift
 
 
-def missing(conn: Connection, names: Iterable[str] | None = None) -> list[Drift]:
-    """The exchanges and queues that do not exist, by passive declares only.
+def missing(conn: Connection, names: Iterable[str] | None = None,
+            profile: queues.Topology | None = None) -> list[Drift]:
+    """The exchanges and queues of ``profile`` (default: classic) that do not exist, by passive declares only.
 
     Needs no right at all, so a least-privilege worker can run it. ``names``
     limits the queues checked (default: every queue); every exchange is checked.
     """
-    wanted = {q.name for q in queues.ALL_QUEUES} if names is None else set(names)
+    profile = profile or queues.topology()
+    wanted = {q.name for q in profile.all_queues} if names is None else set(names)
     checks: list[tuple[str, str, object]] = [("exchange", x.name, x) for x in queues.EXCHANGE_DEFINITIONS]
-    checks += [("queue", q.name, q) for q in queues.ALL_QUEUES if q.name in wanted]
+    checks += [("queue", q.name, q) for q in profile.all_queues if q.name in wanted]
     absent: list[Drift] = []
     for kind, name, spec in checks:
         channel = conn.channel()

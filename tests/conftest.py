@@ -18,15 +18,22 @@ import pytest
 from service.settings import load
 from service.topology import declare_on
 from tests.helpers import REPO, Vhost, Worker, sweep_stale_vhosts
+from tests.helpers.cluster import ClusterVhost, TestCluster, start_test_cluster, stop_test_cluster
 
 #: Fixtures that need the broker: a test using any of them is marked ``broker``.
 BROKER_FIXTURES = frozenset({"vhost", "kit_env", "topology", "start_worker"})
+#: Fixtures that need the 3-node test cluster: a test using any of them is marked ``cluster`` (and ``broker``).
+CLUSTER_FIXTURES = frozenset({"cluster", "cluster_vhost", "cluster_env"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses a broker fixture with ``broker``."""
+    """Mark every test that uses a broker fixture with ``broker``, and a cluster fixture with ``cluster``."""
     for item in items:
-        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if CLUSTER_FIXTURES & names:
+            item.add_marker(pytest.mark.cluster)
+            item.add_marker(pytest.mark.broker)
+        elif BROKER_FIXTURES & names:
             item.add_marker(pytest.mark.broker)
 
 
@@ -34,6 +41,59 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _no_vhosts_left_by_killed_runs() -> None:
     """A test run killed before its teardown leaves its vhosts; remove those older than a few hours."""
     sweep_stale_vhosts()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[TestCluster]:
+    """A real 3-node RabbitMQ cluster (started once for the run, on ports 5701-5703), ended with the run.
+
+    A test that stops or kills a node must start it again before it ends
+    (``cluster.start_node``) and wait for ``cluster.wait_all_running()``.
+    """
+    started, guard = start_test_cluster()
+    yield started
+    stop_test_cluster(started, guard)
+
+
+@pytest.fixture
+def cluster_vhost(cluster: TestCluster) -> Iterator[ClusterVhost]:
+    """A fresh vhost on the test cluster, deleted after the test; every node is running when it starts."""
+    cluster.wait_all_running()
+    v = ClusterVhost(cluster)
+    yield v
+    v.delete()
+
+
+@pytest.fixture
+def cluster_env(cluster_vhost: ClusterVhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The kit's environment on the test cluster: every node in KIT_BROKER_URL, the quorum profile.
+
+    Deadlines are longer than ``kit_env``'s: a queue whose leader died elects another first.
+    """
+    return _test_environment(monkeypatch, tmp_path, KIT_BROKER_URL=cluster_vhost.url, KIT_QUEUE_TYPE="quorum",
+                             KIT_PUBLISH_TIMEOUT="10", KIT_CONNECT_TIMEOUT="5")
+
+
+def _test_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **values: str) -> dict[str, str]:
+    """Set the tests' KIT_* settings (``values`` win) in this process; the environment for subprocesses."""
+    settings = {
+        "KIT_TASK_MODULES": "tests.worker_tasks",
+        "KIT_TEST_OUTPUT_DIR": str(tmp_path),
+        "KIT_STATE_DIR": str(tmp_path / "state"),
+        "KIT_REPORT_DIR": str(tmp_path / "reports"),
+        "KIT_RETRY_BACKOFF_BASE": "0.2",
+        "KIT_RETRY_BACKOFF_MAX": "1",
+        "KIT_MAX_RETRIES": "3",
+        "KIT_PUBLISH_TIMEOUT": "5",
+        "KIT_CONNECT_TIMEOUT": "2",
+        "KIT_METRICS_PORT": "0",
+        **values,
+    }
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 @pytest.fixture
@@ -50,24 +110,7 @@ def kit_env(vhost: Vhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
 
     Retries are fast (backoff base 0.2 s) so retry paths finish in seconds.
     """
-    values = {
-        "KIT_BROKER_URL": vhost.url,
-        "KIT_TASK_MODULES": "tests.worker_tasks",
-        "KIT_TEST_OUTPUT_DIR": str(tmp_path),
-        "KIT_STATE_DIR": str(tmp_path / "state"),
-        "KIT_REPORT_DIR": str(tmp_path / "reports"),
-        "KIT_RETRY_BACKOFF_BASE": "0.2",
-        "KIT_RETRY_BACKOFF_MAX": "1",
-        "KIT_MAX_RETRIES": "3",
-        "KIT_PUBLISH_TIMEOUT": "5",
-        "KIT_CONNECT_TIMEOUT": "2",
-        "KIT_METRICS_PORT": "0",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return _test_environment(monkeypatch, tmp_path, KIT_BROKER_URL=vhost.url)
 
 
 @pytest.fixture

@@ -13,9 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service import queues
 from service.monitoring import timescale
+from service.stack.cluster import ClusterLayout
 
 REPO = Path(__file__).resolve().parent.parent
 PROM = REPO / "deploy" / "prometheus"
@@ -87,6 +89,22 @@ def test_target_files_are_valid_file_sd() -> None:
         assert re.search(rf"^\s*- job_name: {re.escape(job)}$", config, re.M), job
 
 
+def test_cluster_target_file_lists_every_node_with_the_single_nodes_labels(tmp_path: Path) -> None:
+    """targets-cluster/rabbitmq.json: the local 3-node cluster, each endpoint of each node, as targets/rabbitmq.json."""
+    single = json.loads((PROM / "targets" / "rabbitmq.json").read_text())
+    cluster = json.loads((PROM / "targets-cluster" / "rabbitmq.json").read_text())
+    assert [g["labels"] for g in cluster] == [g["labels"] for g in single], "same endpoints, same vhost"
+    nodes = [f"127.0.0.1:{node.prometheus_port}" for node in ClusterLayout().nodes(tmp_path)]
+    assert len(nodes) == 3
+    for group in cluster:
+        assert group["targets"] == nodes
+    # Dropped in over targets/rabbitmq.json, the configuration still checks.
+    etc = tmp_path / "etc"
+    shutil.copytree(PROM, etc, ignore=shutil.ignore_patterns("tests"))
+    shutil.copy(PROM / "targets-cluster" / "rabbitmq.json", etc / "targets" / "rabbitmq.json")
+    assert_ok(promtool("check", "config", "prometheus.yml", cwd=etc))
+
+
 # --------------------------------------------------------------------------- rules, tests, runbooks
 
 
@@ -147,6 +165,38 @@ def test_rules_name_exactly_the_work_queues() -> None:
         blocks = [b for b in re.split(r"^\s*- alert:", text, flags=re.M) if b.split()[0] == alert]
         covered = {q for b in blocks for q in re.findall(r'\{queue="([^"]+)"\}', b)}
         assert covered == work, alert
+
+
+RECORD_RE = re.compile(r"^\s*-\s+record:\s*(\S+)\s*$", re.M)
+
+
+def test_recording_rules_come_before_the_alerts_and_are_used() -> None:
+    """A recorded series is defined before the first alert of its file (same group: evaluated first), and read."""
+    text = "".join(p.read_text() for p in RULE_FILES)
+    dashboards = "".join(p.read_text() for p in (REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
+    for path in RULE_FILES:
+        body = path.read_text()
+        first_alert = body.find("- alert:")
+        for m in RECORD_RE.finditer(body):
+            assert first_alert == -1 or m.start() < first_alert, f"{path.name}: {m.group(1)} after an alert"
+            name = m.group(1)
+            assert text.count(name) > 1 or name in dashboards, f"{name} is recorded but never read"
+
+
+def test_cluster_alerts_stay_in_the_cluster_file() -> None:
+    """The node, quorum queue and partition alerts live in rules/cluster.yml; BrokerDown stays in rabbitmq.yml."""
+    cluster = set(ALERT_RE.findall((PROM / "rules" / "cluster.yml").read_text()))
+    assert cluster == {"BrokerNodeDown", "QuorumQueueUnavailable", "QuorumQueueUnderReplicated",
+                       "BrokerNetworkPartition"}
+    assert "BrokerDown" in ALERT_RE.findall((PROM / "rules" / "rabbitmq.yml").read_text())
+    # One node of several down must not mute the worker and queue alerts as BrokerDown does: no
+    # cluster alert matches an inhibition's source (Alertmanager matches names by suffix).
+    routes = yaml.safe_load((REPO / "deploy" / "alertmanager" / "alertmanager.yml").read_text())
+    sources = [re.fullmatch(r'alertname=~"(.*)"', m) for rule in routes["inhibit_rules"]
+               for m in rule["source_matchers"]]
+    patterns = [re.compile(s.group(1)) for s in sources if s]
+    assert any(p.fullmatch("BrokerDown") for p in patterns)
+    assert [(n, p.pattern) for n in sorted(cluster) for p in patterns if p.fullmatch(n)] == []
 
 
 # --------------------------------------------------------------------------- timescale

@@ -2,7 +2,8 @@
 every file it mounts exists and passes its own validator (promtool, amtool,
 JSON, YAML), and the local stack (service/stack/) runs the same commands with
 the same configuration, read from it. Needs docker-compose, promtool and amtool
-(scripts/install.sh); no broker.
+(scripts/install.sh); no broker. The 3-node cluster (docker-compose.cluster.yml on
+top of docker-compose.yml) is checked the same way, merged as Docker Compose merges it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ import yaml
 from service import broker, queues
 from service import stack as local
 from service.monitoring import alertmanager_config
+from service.setting_rules import parse
 from service.settings import SETTINGS
 from service.stack import compose, files
 from tests.helpers import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
+#: The 3-node cluster: an override of COMPOSE (docker-compose -f COMPOSE -f CLUSTER).
+CLUSTER = REPO / "docker-compose.cluster.yml"
+#: The cluster's nodes: service name -> host name (node N is rabbit@rabbitmq-N).
+CLUSTER_NODES = {"rabbitmq": "rabbitmq-1", "rabbitmq-2": "rabbitmq-2", "rabbitmq-3": "rabbitmq-3"}
 HARD_TIME_LIMIT_DEFAULT = float(next(s.default for s in SETTINGS if s.name == "KIT_HARD_TIME_LIMIT"))
 #: Services that run until stopped (everything but the one-shot broker-definitions).
 LONG_RUNNING = ("rabbitmq", "worker-urgent", "worker-default-bulk", "beat", "celery-exporter", "prometheus",
@@ -60,6 +66,17 @@ def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
 def config() -> dict[str, Any]:
     """`docker-compose config`: the file as Docker Compose resolves it."""
     result = run("docker-compose", "-f", COMPOSE, "config")
+    assert_ok(result)
+    assert "WARNING" not in result.stderr, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster_config() -> dict[str, Any]:
+    """`docker-compose -f docker-compose.yml -f docker-compose.cluster.yml config`: the cluster as Compose merges it."""
+    if not shutil.which("docker-compose"):
+        pytest.skip("docker-compose is not installed: run scripts/install.sh")
+    result = run("docker-compose", "-f", COMPOSE, "-f", CLUSTER, "config")
     assert_ok(result)
     assert "WARNING" not in result.stderr, result.stderr
     return yaml.safe_load(result.stdout)
@@ -209,12 +226,17 @@ def test_no_guest_and_one_user_per_role(config: dict[str, Any]) -> None:
             assert services(config)[name]["environment"]["KIT_DECLARE_TOPOLOGY"] == "false"
 
 
-def test_rabbitmq_loads_the_definitions_at_boot(config: dict[str, Any]) -> None:
-    conf = dict(
+def rabbitmq_conf(path: Path) -> dict[str, str]:
+    """A rabbitmq.conf (sysctl format) as key -> value."""
+    return dict(
         (k.strip(), v.strip()) for k, v in
-        (line.split("=", 1) for line in (REPO / "deploy/rabbitmq/rabbitmq.conf").read_text().splitlines()
+        (line.split("=", 1) for line in path.read_text().splitlines()
          if line.strip() and not line.lstrip().startswith("#"))
     )
+
+
+def test_rabbitmq_loads_the_definitions_at_boot(config: dict[str, Any]) -> None:
+    conf = rabbitmq_conf(REPO / "deploy/rabbitmq/rabbitmq.conf")
     assert "default_user" not in conf and "default_pass" not in conf
     assert conf["loopback_users.guest"] == "true"
     assert conf.get("loopback_users") != "none"
@@ -462,3 +484,246 @@ def test_exporter_launcher_puts_the_password_file_into_the_url(tmp_path: Path) -
                              "KIT_BROKER_PASSWORD_FILE": str(secret)})
     assert url == "pyamqp://kit-monitor:p%40ss%2Fw%3Ard@rabbitmq:5672/kit"
     assert module.broker_url({"KIT_BROKER_URL": "pyamqp://u:x@h:1/v"}) == "pyamqp://u:x@h:1/v"
+
+
+# --------------------------------------------------------------------------- the 3-node cluster (override file)
+
+
+def node_url_parts(url: str) -> list[tuple[str, str, str, int, str]]:
+    """(scheme, user, host, port, vhost) of each node of a KIT_BROKER_URL, in order."""
+    found = []
+    for node in url.split(";"):
+        match = re.fullmatch(r"(pyamqp)://([^:@/]+)@([\w.-]+):(\d+)/([^/;]+)", node)
+        assert match, f"{node!r}: scheme://user@host:port/vhost, without a password"
+        scheme, user, host, port, vhost = match.groups()
+        found.append((scheme, user, host, int(port), vhost))
+    return found
+
+
+def host_names(service_name: str, service: dict[str, Any]) -> set[str]:
+    """The names other containers reach a service by: its name and its network aliases."""
+    names = {service_name}
+    for network in (service.get("networks") or {}).values():
+        names.update((network or {}).get("aliases") or [])
+    return names
+
+
+def kit_services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services built from this repository (the kit's images), broker-definitions included."""
+    return {n: s for n, s in services(config).items() if "build" in s}
+
+
+def test_cluster_merged_config_is_valid_and_adds_two_nodes(config: dict[str, Any],
+                                                           cluster_config: dict[str, Any]) -> None:
+    assert set(services(cluster_config)) == set(services(config)) | {"rabbitmq-2", "rabbitmq-3"}
+    assert set(CLUSTER_NODES) <= set(services(cluster_config))
+    assert "x-local-stack" not in yaml.safe_load(CLUSTER.read_text()), "the local stack reads docker-compose.yml only"
+    # The single node's service is node 1: nothing that waits for `rabbitmq` is left without a broker.
+    for name, service in services(cluster_config).items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services(cluster_config), f"{name} waits for {dependency}, which is not defined"
+
+
+def test_cluster_gives_every_kit_service_all_three_nodes_and_quorum_queues(config: dict[str, Any],
+                                                                           cluster_config: dict[str, Any]) -> None:
+    url_setting = next(s for s in SETTINGS if s.name == "KIT_BROKER_URL")
+    type_setting = next(s for s in SETTINGS if s.name == "KIT_QUEUE_TYPE")
+    node_hosts = list(CLUSTER_NODES.values())
+    with_url = set()
+    for name, service in kit_services(cluster_config).items():
+        env = service.get("environment", {})
+        assert env.get("KIT_QUEUE_TYPE") == "quorum", f"{name}: KIT_QUEUE_TYPE is not quorum"
+        parse(type_setting, env["KIT_QUEUE_TYPE"])
+        single_env = services(config)[name].get("environment", {})
+        if "KIT_BROKER_URL" not in single_env:
+            assert "KIT_BROKER_URL" not in env, name
+            continue
+        with_url.add(name)
+        url = env["KIT_BROKER_URL"]
+        parse(url_setting, url)  # the kit's own rule accepts it: same scheme, user and vhost on every node
+        nodes = node_url_parts(url)
+        assert [host for _, _, host, _, _ in nodes] == node_hosts, f"{name}: {url}"
+        (scheme, user, _, port, vhost), = node_url_parts(single_env["KIT_BROKER_URL"])
+        assert {(s, u, p, v) for s, u, _, p, v in nodes} == {(scheme, user, port, vhost)}, (
+            f"{name}: the nodes keep the single node's scheme, user, port and vhost")
+        assert env["KIT_BROKER_PASSWORD_FILE"] == single_env["KIT_BROKER_PASSWORD_FILE"], name
+        for node_service in CLUSTER_NODES:
+            assert service["depends_on"][node_service] == {"condition": "service_healthy"}, (name, node_service)
+    assert with_url == {n for n, s in services(config).items() if "KIT_BROKER_URL" in s.get("environment", {})}
+    assert {"worker-urgent", "worker-default-bulk", "beat", "celery-exporter", "flower", "demo"} <= with_url
+    # Every node host is reachable by that name inside the compose network.
+    for node_service, host in CLUSTER_NODES.items():
+        assert host in host_names(node_service, services(cluster_config)[node_service]), host
+    # Nothing else is reached at the single node's name.
+    for name, service in services(cluster_config).items():
+        assert "@rabbitmq:" not in json.dumps(service.get("environment", {})), name
+
+
+def test_cluster_nodes_name_each_other_and_share_the_single_nodes_settings(
+        config: dict[str, Any], cluster_config: dict[str, Any]) -> None:
+    cluster_conf = rabbitmq_conf(REPO / "deploy/rabbitmq/cluster.conf")
+    shared = rabbitmq_conf(REPO / "deploy/rabbitmq/rabbitmq.conf")
+    assert not set(cluster_conf) & set(shared), "cluster.conf repeats a setting of rabbitmq.conf"
+    assert cluster_conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in cluster_conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == {f"rabbit@{host}" for host in CLUSTER_NODES.values()}
+    assert int(cluster_conf["quorum_queue.continuous_membership_reconciliation.target_group_size"]) == len(listed)
+    assert cluster_conf["quorum_queue.continuous_membership_reconciliation.enabled"] == "true"
+    assert cluster_conf["cluster_partition_handling"] == "pause_minority"
+    single = services(config)["rabbitmq"]
+    definitions_dir = str(Path(shared["load_definitions"]).parent)
+    data_volumes = set()
+    published = []
+    for name, host in CLUSTER_NODES.items():
+        node = services(cluster_config)[name]
+        assert node["image"] == single["image"], f"{name}: not the single node's image"
+        assert node["hostname"] == host, f"{name}: its node name must be rabbit@{host}"
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in node["volumes"]}
+        conf_d = sorted(target for target in mounts if target.startswith("/etc/rabbitmq/conf.d/"))
+        assert [Path(mounts[target]) for target in conf_d] == [
+            REPO / "deploy/rabbitmq/rabbitmq.conf", REPO / "deploy/rabbitmq/cluster.conf"], (
+            f"{name}: the shared settings, then the cluster's (conf.d is read in name order)")
+        assert mounts["/etc/rabbitmq/enabled_plugins"] == str(REPO / "deploy/rabbitmq/enabled_plugins")
+        assert mounts[definitions_dir] == "rabbitmq-definitions", f"{name}: loads the one definitions file"
+        assert node["depends_on"]["broker-definitions"] == {"condition": "service_completed_successfully"}
+        data_volumes.add(mounts["/var/lib/rabbitmq"])
+        # The shared Erlang cookie, installed as Erlang demands, then the image's own entrypoint.
+        assert {"source": "rabbitmq_erlang_cookie"} in node["secrets"], name
+        script = node["entrypoint"][-1]
+        assert "install -m 0400 -o rabbitmq" in script and "/run/secrets/rabbitmq_erlang_cookie" in script, name
+        assert "/var/lib/rabbitmq/.erlang.cookie" in script and script.endswith(
+            "exec docker-entrypoint.sh rabbitmq-server"), name
+        assert node["healthcheck"]["test"][:2] == ["CMD", "rabbitmq-diagnostics"], name
+        assert node["restart"] == "unless-stopped", name
+        assert size(shared["total_memory_available_override_value"]) == size(node["mem_limit"]), name
+        published += [str(p["published"]) if isinstance(p, dict) else p.split(":")[-2] for p in node["ports"]]
+    assert len(data_volumes) == len(CLUSTER_NODES), "each node has its own data volume"
+    assert "rabbitmq-data" not in data_volumes, "the single node's data (another node name) is left alone"
+    assert len(published) == len(set(published)), f"two nodes publish the same port: {published}"
+    # The nodes start together (peer discovery's lock picks the seed): a node waiting for another's
+    # health could lock out a restart, where each node waits for the peers it last saw.
+    for name in CLUSTER_NODES:
+        assert not set(services(cluster_config)[name]["depends_on"]) & set(CLUSTER_NODES), name
+
+
+def test_cluster_definitions_are_written_by_one_service_and_read_by_every_node(cluster_config: dict[str, Any]) -> None:
+    definitions = services(cluster_config)["broker-definitions"]
+    assert definitions["restart"] == "no"
+    writers = [n for n, s in services(cluster_config).items()
+               if any(v.startswith("rabbitmq-definitions:") and not v.endswith(":ro") for v in s.get("volumes", []))]
+    assert writers == ["broker-definitions"], "one service writes the definitions, every node only reads them"
+
+
+def test_cluster_definitions_hold_the_quorum_topology(cluster_config: dict[str, Any], tmp_path: Path) -> None:
+    """broker-definitions' command with its merged environment writes quorum queues, lanes included."""
+    definitions = services(cluster_config)["broker-definitions"]
+    argv = command(definitions)
+    secrets_dir, out = tmp_path / "secrets", tmp_path / "definitions.json"
+    assert_ok(run("bash", REPO / "scripts/make-secrets.sh", secrets_dir))
+    local_argv = [str(REPO / ".venv/bin/python"), *argv[1:]]
+    local_argv[local_argv.index("--secrets-dir") + 1] = str(secrets_dir)
+    local_argv[local_argv.index("--out") + 1] = str(out)
+    env = {"PATH": os.environ["PATH"], **{k: v for k, v in definitions["environment"].items() if v is not None}}
+    result = subprocess.run(local_argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert_ok(result)
+    declared = {q["name"]: q["arguments"] for q in json.loads(out.read_text())["queues"]}
+    expected = queues.topology("quorum").all_queues
+    assert set(declared) == {q.name for q in expected}
+    for queue in expected:
+        assert declared[queue.name] == dict(queue.arguments), queue.name
+
+
+def test_cluster_exporter_watches_the_quorum_queues(config: dict[str, Any], cluster_config: dict[str, Any]) -> None:
+    quorum = queues.topology("quorum")
+    argv = command(services(cluster_config)["celery-exporter"])
+    expected = [q.name for q in quorum.work_queues + quorum.lanes + quorum.dead_letter_queues]
+    assert flag(argv, "--queues").split(",") == expected
+    single = command(services(config)["celery-exporter"])
+    assert len(argv) == len(single)
+    for ours, theirs in zip(argv, single, strict=True):
+        assert ours == theirs or theirs == flag(single, "--queues"), "only the queue list differs"
+
+
+def test_cluster_prometheus_scrapes_every_node(cluster_config: dict[str, Any], tmp_path: Path) -> None:
+    prometheus = services(cluster_config)["prometheus"]
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in prometheus["volumes"] if v.startswith("/")}
+    targets = REPO / "deploy/compose/prometheus-targets-cluster/rabbitmq.json"
+    assert mounts["/etc/prometheus/targets"] == REPO / "deploy/compose/prometheus-targets"
+    assert mounts["/etc/prometheus/targets/rabbitmq.json"] == targets, "the cluster's nodes over the single node's"
+    shared = rabbitmq_conf(REPO / "deploy/rabbitmq/rabbitmq.conf")
+    expected = [f"{host}:{shared['prometheus.tcp.port']}" for host in CLUSTER_NODES.values()]
+    single_groups = json.loads((REPO / "deploy/compose/prometheus-targets/rabbitmq.json").read_text())
+    cluster_groups = json.loads(targets.read_text())
+    assert [g["labels"] for g in cluster_groups] == [g["labels"] for g in single_groups], (
+        "the same endpoints (per-object, aggregated) and vhost as on the single node")
+    for group in cluster_groups:
+        assert group["targets"] == expected, "every endpoint of every node"
+    hosts = set().union(*(host_names(n, s) for n, s in services(cluster_config).items()))
+    for target in expected:
+        assert target.rsplit(":", 1)[0] in hosts, f"{target} is no host of the compose network"
+    # /etc/prometheus as the merged compose file assembles it, checked by promtool.
+    etc = _compose_prometheus_dir(tmp_path)
+    shutil.copy(targets, etc / "targets" / "rabbitmq.json")
+    assert_ok(run("promtool", "check", "config", "prometheus.yml", cwd=etc))
+
+
+def test_make_secrets_creates_every_cluster_secret(cluster_config: dict[str, Any], tmp_path: Path) -> None:
+    target = tmp_path / "secrets"
+    assert_ok(run("bash", REPO / "scripts/make-secrets.sh", target))
+    for name, secret in cluster_config["secrets"].items():
+        assert Path(secret["file"]).parent == REPO / "secrets", f"{name}: secrets live in ./secrets/"
+        assert (target / name).is_file(), f"make-secrets.sh did not create {name}"
+    cookie = (target / "rabbitmq_erlang_cookie").read_text()
+    assert re.fullmatch(r"[0-9a-f]{32,255}", cookie), "an Erlang cookie: one line of plain characters"
+    assert cookie not in {(target / n).read_text() for n in cluster_config["secrets"] if n != "rabbitmq_erlang_cookie"}
+
+
+def test_exporter_launcher_puts_the_password_into_every_node_url(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("celery_exporter", REPO / "scripts/celery_exporter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    secret = tmp_path / "password"
+    secret.write_text("p@ss/w:rd\n")
+    nodes = ";".join(f"pyamqp://kit-monitor@rabbitmq-{n}:5672/kit" for n in (1, 2, 3))
+    url = module.broker_url({"KIT_BROKER_URL": nodes, "KIT_BROKER_PASSWORD_FILE": str(secret)})
+    assert url.split(";") == [f"pyamqp://kit-monitor:p%40ss%2Fw%3Ard@rabbitmq-{n}:5672/kit" for n in (1, 2, 3)]
+    assert module.redact(url) == ";".join(f"pyamqp://kit-monitor:***@rabbitmq-{n}:5672/kit" for n in (1, 2, 3))
+    with pytest.raises(SystemExit):
+        module.broker_url({"KIT_BROKER_URL": nodes + ";http://rabbitmq-4/kit"})
+
+
+def test_exporter_launcher_start_up_check_takes_the_first_node_that_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster node that is down does not stop the exporter: the check goes on to the next node."""
+    import amqp
+
+    spec = importlib.util.spec_from_file_location("celery_exporter", REPO / "scripts/celery_exporter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tried: list[str] = []
+
+    class Channel:
+        def exchange_declare(self, *args: Any, **kwargs: Any) -> None: ...
+        def queue_declare(self, *args: Any, **kwargs: Any) -> None: ...
+        def queue_bind(self, *args: Any, **kwargs: Any) -> None: ...
+
+    class Connection:
+        def __init__(self, host: str, **kwargs: Any) -> None:
+            self.host = host
+            assert kwargs["userid"] == "kit-monitor" and kwargs["password"] == "pw" and kwargs["virtual_host"] == "kit"
+
+        def connect(self) -> None:
+            tried.append(self.host)
+            if self.host == "rabbitmq-1:5672":
+                raise ConnectionRefusedError("rabbitmq-1 is down")
+
+        def channel(self) -> Channel:
+            return Channel()
+
+        def close(self) -> None: ...
+        def collect(self) -> None: ...
+
+    monkeypatch.setattr(amqp, "Connection", Connection)
+    url = ";".join(f"pyamqp://kit-monitor:pw@rabbitmq-{n}:5672/kit" for n in (1, 2, 3))
+    module.check_broker(url, [], {"KIT_CONNECT_TIMEOUT": "5"})
+    assert tried == ["rabbitmq-1:5672", "rabbitmq-2:5672"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,52 @@ def test_dashboard_is_well_formed(path: Path):
         for link in panel.get("links", []):
             name = link["url"].rsplit("/docs/runbooks/", 1)[1]
             assert (REPO / "docs" / "runbooks" / name).exists(), link["url"]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_panels_do_not_overlap(path: Path):
+    taken: dict[tuple[int, int], str] = {}
+    for panel in json.loads(path.read_text())["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in taken, f"{panel['title']!r} overlaps {taken[(x, y)]!r}"
+                taken[(x, y)] = panel["title"]
+
+
+#: The cluster panels of the broker dashboard and the runbooks they link (issue 11).
+CLUSTER_PANELS = {
+    "Nodes up": {"broker-node-down.md"},
+    "Quorum queues unavailable": {"quorum-queue-unavailable.md"},
+    "Quorum queues under-replicated": {"quorum-queue-under-replicated.md"},
+    "Nodes cut off (partition)": {"broker-network-partition.md"},
+    "Quorum queue members online": {"quorum-queue-unavailable.md", "quorum-queue-under-replicated.md"},
+    "Quorum queue leaders per node": {"broker-node-down.md"},
+    "Erlang distribution links per node": {"broker-network-partition.md"},
+}
+
+
+def test_broker_dashboard_has_the_cluster_panels_with_their_runbooks():
+    panels = {p["title"]: p for p in json.loads((REPO / "deploy/grafana/dashboards/rabbitmq-broker.json").read_text())
+              ["panels"]}
+    for title, runbooks in CLUSTER_PANELS.items():
+        assert title in panels, title
+        linked = {link["url"].rsplit("/", 1)[1] for link in panels[title].get("links", [])}
+        assert linked == runbooks, title
+    # Every alert of the cluster rules has its runbook one click away on the dashboard.
+    rules = (REPO / "deploy/prometheus/rules/cluster.yml").read_text()
+    for url in re.findall(r"/docs/runbooks/([\w-]+\.md)", rules):
+        assert any(url in runbooks for runbooks in CLUSTER_PANELS.values()), url
+
+
+def test_recorded_series_the_dashboards_read_are_recorded():
+    """A panel may read a recording rule's series (name with a colon); the rule must exist."""
+    rules = "".join(p.read_text() for p in (REPO / "deploy/prometheus/rules").glob("*.yml"))
+    recorded = set(re.findall(r"^\s*-\s+record:\s*(\S+)\s*$", rules, re.M))
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                expr = re.sub(r'"[^"]*"', '""', target["expr"])  # not inside label values
+                for name in re.findall(r"(?<!\w)[A-Za-z_]\w*:[\w:]+", expr):
+                    assert name in recorded, f"{path.name} / {panel['title']}: {name} is recorded by no rule"

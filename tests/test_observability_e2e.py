@@ -239,11 +239,15 @@ def test_drill_dead_letter(stack: Stack) -> None:
 
 
 def _dashboard_queries() -> list[tuple[str, str, str]]:
+    """Every panel query, but those over quorum-queue-only series (rabbitmq_raft_*): this stack is one
+    node with classic queues, where they cannot have data; tests/test_cluster_alerts.py runs every
+    broker dashboard query on the 3-node cluster instead."""
     found = []
     for path in DASHBOARDS:
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
-                found.append((path.name, panel["title"], target["expr"]))
+                if "rabbitmq_raft_" not in target["expr"]:
+                    found.append((path.name, panel["title"], target["expr"]))
     return found
 
 

@@ -275,6 +275,25 @@ def test_publisher_publishes_with_the_client_but_cannot_consume_purge_or_delete(
         "default": 2, "default.dead": 0, "bulk": 1, queues.UNROUTABLE_QUEUE: 1}
 
 
+def test_beat_as_the_publisher_user_holds_its_lease_and_state_and_nothing_more(users, monkeypatch):
+    from service.startup import check_beat
+
+    monkeypatch.setenv("KIT_BROKER_URL", users.url("publisher"))
+    check_beat()  # every right beat needs: its lease, its state's queue and exchange, bind, get, publish
+    conn = users.connect("publisher")
+    try:
+        allowed(conn, lambda ch: ch.queue_declare(queues.BEAT_LEASE_QUEUE, exclusive=True, auto_delete=True))
+        for action in (
+            lambda ch: ch.queue_bind(queues.BEAT_STATE_QUEUE, queues.TASK_EXCHANGE, "default"),  # no copy of tasks
+            lambda ch: ch.queue_bind("default", queues.BEAT_STATE_EXCHANGE, "default"),
+            lambda ch: ch.queue_declare(f"{queues.BEAT_LEASE_QUEUE}.other", exclusive=True),
+            lambda ch: ch.basic_get("default"),
+        ):
+            refused(conn, action)
+    finally:
+        conn.close()
+
+
 # -- worker -------------------------------------------------------------------------
 
 

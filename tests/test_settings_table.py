@@ -60,12 +60,18 @@ TIERS = ", ".join(str(t) for t in queues.WAIT_TIERS_S)
 
 CASES: dict[str, Case] = {
     "KIT_BROKER_URL": Case(
-        "a pyamqp://, amqps:// or amqp:// URL with a host",
+        "a pyamqp://, amqps:// or amqp:// URL with a host, or several (one per cluster node) separated by ';'",
         ("redis://localhost", "", "localhost:5672", "pyamqp://", "pyamqp:///kit", "pyamqp://h:99999/kit",
-         "pyamqp://h:port/kit", "pyamqp://[::1/kit", "pyamqp://h/kit\nx"),
+         "pyamqp://h:port/kit", "pyamqp://[::1/kit", "pyamqp://h/kit\nx",
+         "pyamqp://kit@a:5672/kit;;pyamqp://kit@b:5672/kit", "pyamqp://kit@a:5672/kit;pyamqp://other@b:5672/kit",
+         "pyamqp://kit@a:5672/kit;pyamqp://kit@b:5672/elsewhere", "pyamqp://kit@a/kit;amqps://kit@b/kit",
+         "pyamqp://kit@a/kit;redis://b"),
         ("pyamqp://kit@127.0.0.1:5672/kit", "amqps://kit@broker.example:5671/kit", "amqp://kit@[::1]/kit",
-         "PYAMQP://kit@h//"),
+         "PYAMQP://kit@h//", "pyamqp://kit@a:5672/kit;pyamqp://kit@b:5672/kit;pyamqp://kit@c:5672/kit",
+         "pyamqp://kit@a/kit; pyamqp://kit@b/kit"),
     ),
+    "KIT_QUEUE_TYPE": Case("one of classic, quorum, in any case", ("", "mirrored", "stream", "quorum queues"),
+                           ("classic", "quorum", "QUORUM")),
     "KIT_BROKER_PASSWORD_FILE": OPTIONAL_FILE,
     "KIT_BROKER_CA_FILE": OPTIONAL_FILE,
     "KIT_BROKER_CLIENT_CERT_FILE": OPTIONAL_FILE,
@@ -111,6 +117,7 @@ CASES: dict[str, Case] = {
     "KIT_REPORT_DIR": DIRECTORY_PATH,
     "KIT_REPORT_MAX_AGE_HOURS": number("a number above 0 and at most 87600", ("87600.5",), ("0.01", "87600")),
     "KIT_CLEANUP_INTERVAL": number("a number from 1 to 604800", ("0.5", "604801"), ("1", "604800")),
+    "KIT_BEAT_LEASE_RETRY": number("a number from 0.1 to 600", ("0.09", "600.5", "3600"), ("0.1", "0.5", "600")),
     "KIT_WEBHOOK_TIMEOUT": TIMEOUT,
     "KIT_WEBHOOK_SECRET_FILE": OPTIONAL_FILE,
     "SENTRY_DSN": Case(

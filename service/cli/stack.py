@@ -51,9 +51,14 @@ def _show_urls(current: Stack) -> None:
 @click.option("--user-prefix", help="Prefix of the broker users (default kit-: kit-worker, kit-monitor, ...).")
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=120, show_default=True,
               help="Seconds to wait for every component to pass its health check.")
+@click.option("--cluster", "cluster_size", type=click.IntRange(0, 9), metavar="N",
+              help="Run the stack on a local RabbitMQ cluster of N nodes (3 for quorum queues: a majority "
+                   "survives one node's loss) with KIT_QUEUE_TYPE=quorum; AMQP ports 5681.., management "
+                   "15681.., prometheus 15781.. (plus --port-offset). 0: the machine's single broker. "
+                   "Default: as the last `up`.")
 @friendly_errors
 def stack_up(demo: bool, port_offset: int | None, vhost: str | None, user_prefix: str | None,
-             wait_seconds: float) -> None:
+             wait_seconds: float, cluster_size: int | None) -> None:
     """Start RabbitMQ if needed, provision its users and topology, start what is not running.
 
     Running it again is harmless: what runs keeps running. Exits 1 when a
@@ -62,13 +67,20 @@ def stack_up(demo: bool, port_offset: int | None, vhost: str | None, user_prefix
     from service.stack import lifecycle, processes
 
     settings = load()
-    current = lifecycle.local_stack(settings, port_offset, vhost, user_prefix, demo)
+    current = lifecycle.local_stack(settings, port_offset, vhost, user_prefix, demo, cluster_size)
     with processes.locked(current):
-        closed = lifecycle.closed_broker_port(current)
-        if closed:
-            click.echo(f"RabbitMQ does not answer on port {closed}: running scripts/broker.sh start")
-            lifecycle.start_broker()
-        admin = lifecycle.provision(current, settings.broker_url)
+        if current.options.cluster:
+            click.echo(f"starting a {current.options.cluster}-node RabbitMQ cluster (or finding it running) ...")
+            for name in lifecycle.start_cluster(current):
+                click.echo(f"{name:22} running")
+            admin_url = lifecycle.cluster_admin_url(current)
+        else:
+            closed = lifecycle.closed_broker_port(current)
+            if closed:
+                click.echo(f"RabbitMQ does not answer on port {closed}: running scripts/broker.sh start")
+                lifecycle.start_broker()
+            admin_url = settings.broker_url
+        admin = lifecycle.provision(current, admin_url)
         click.echo(f"{'rabbitmq':22} vhost {current.vhost}: users {current.user('admin')}, "
                    f"{current.user('publisher')}, {current.user('worker')}, {current.user('monitor')} "
                    f"and the topology provisioned (as {admin})")
@@ -88,7 +100,10 @@ def stack_up(demo: bool, port_offset: int | None, vhost: str | None, user_prefix
 @stack.command("down")
 @friendly_errors
 def stack_down() -> None:
-    """Stop the processes that `stack up` started (workers: warm shutdown). RabbitMQ keeps running."""
+    """Stop the processes that `stack up` started (workers: warm shutdown), and the nodes of its cluster.
+
+    The machine's single RabbitMQ keeps running.
+    """
     from service.stack import lifecycle, processes
 
     current = lifecycle.local_stack(load())
@@ -113,6 +128,9 @@ def stack_status() -> None:
     if not found.provisioned:
         click.echo(f"{'rabbitmq':22} NOT PROVISIONED: run `stack up`")
         sys.exit(EXIT_FAILED)
+    for node, amqp_port, management_port, prometheus_port, running in found.nodes:
+        click.echo(f"{node:22} {'running' if running else 'NOT RUNNING'}: AMQP {amqp_port}, management "
+                   f"http://{current.host}:{management_port}, prometheus {prometheus_port}")
     for name, ready, consumers in found.queues:
         click.echo(f"queue {name:16} ready {ready:<7} consumers {consumers}")
     if found.waiting is not None:

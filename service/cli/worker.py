@@ -60,7 +60,10 @@ def worker(queue_names: str | None, concurrency: int | None, node_name: str | No
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @friendly_errors
 def beat(celery_args: tuple[str, ...]) -> None:
-    """Run Celery beat (exactly one per deployment); its schedule file lives in KIT_STATE_DIR."""
+    """Run Celery beat; with two, the one holding the schedule lease schedules, the other stands by.
+
+    Its schedule file lives in KIT_STATE_DIR (one per beat: never share it).
+    """
     from service.startup import check_beat
 
     settings = load()

@@ -104,9 +104,10 @@ class Outcome:
                 "refused": len(self.refused) + len(self.homeless), "failed": len(self.failed)}
 
 
-def replayed_message(letter: DeadLetter, target: str) -> Outgoing:
+def replayed_message(letter: DeadLetter, target: str, profile: queues.Topology | None = None) -> Outgoing:
     """The message a replay publishes: same body and priority, a fresh retry
-    budget, the replay counter incremented."""
+    budget, the replay counter incremented. On the quorum ``profile`` a high
+    or critical task goes back to its work queue's high lane."""
     headers = {k: v for k, v in letter.headers.items() if k not in _RESET_ON_REPLAY}
     headers["retries"] = 0
     # A replayed task runs now: whatever its original ETA or expiry, the operator asked for it.
@@ -115,7 +116,11 @@ def replayed_message(letter: DeadLetter, target: str) -> Outgoing:
     headers[h.REPLAYS] = letter.replays + 1
     headers[h.REPLAYED_AT] = h.utc_now_iso()
     headers[h.ENQUEUED_AT] = time.time()
-    return Outgoing(queues.TASK_EXCHANGE, target, letter.body, headers, republished_properties(letter.properties))
+    properties = republished_properties(letter.properties)
+    priority = properties.get("priority")
+    priority = priority if isinstance(priority, int) and not isinstance(priority, bool) else 0
+    routing_key = (profile or queues.topology()).routing_key(target, priority)
+    return Outgoing(queues.TASK_EXCHANGE, routing_key, letter.body, headers, properties)
 
 
 def _require_work_queue(conn: Connection, name: str) -> None:
@@ -204,7 +209,9 @@ def replay(
             for target in {to or d.source_queue for d in window} - present:
                 _require_work_queue(conn, target)
                 present.add(target)
-            publisher.publish_many([replayed_message(d, to or d.source_queue) for d in window], window=len(window))
+            profile = queues.topology(settings.queue_type)
+            publisher.publish_many([replayed_message(d, to or d.source_queue, profile) for d in window],
+                                   window=len(window))
         except KitError as exc:
             for letter in window:
                 outcome.failed.append((letter, str(exc)))

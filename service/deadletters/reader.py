@@ -21,6 +21,9 @@ from kombu import Connection
 from service import queues
 from service.deadletters.letter import DeadLetter, DeadLetterError
 
+#: The largest prefetch count AMQP 0-9-1 can express (a short).
+MAX_PREFETCH = 65535
+
 
 class QueueBusy(DeadLetterError):
     """Another replay, purge or import holds the queue."""
@@ -44,8 +47,10 @@ class Walk:
     def __iter__(self) -> Iterator[DeadLetter]:
         if not self.count:
             return
-        # Unlimited prefetch: held messages must not stall the delivery of the rest.
-        self.channel.basic_qos(0, 0, False)
+        # A prefetch of the whole snapshot: held messages must not stall the delivery of the
+        # rest. Not 0 ("unlimited"), which a quorum queue caps at 2,000 unacked messages;
+        # past the protocol's largest prefetch, 0 is what a classic queue can still serve.
+        self.channel.basic_qos(0, self.count if self.count <= MAX_PREFETCH else 0, False)
         tag = self.channel.basic_consume(self.queue, no_ack=False, callback=self._received.append)
         position = 0
         try:
@@ -54,6 +59,7 @@ class Walk:
                     try:
                         self.channel.connection.drain_events(timeout=5)
                     except TimeoutError:
+                        self._check_not_capped(position)
                         break  # the queue shrank under us (someone else consumed)
                     continue
                 message = self._received.pop(0)
@@ -70,6 +76,21 @@ class Walk:
                 )
         finally:
             self.channel.basic_cancel(tag)
+
+    def _check_not_capped(self, position: int) -> None:
+        """DeadLetterError when deliveries stopped while messages are still ready: the broker's cap on
+        unacked messages (a quorum queue of more than MAX_PREFETCH letters), not a shrinking queue."""
+        probe = self.channel.connection.channel()
+        try:
+            _, ready, _ = probe.queue_declare(self.queue, passive=True)
+        finally:
+            probe.close()
+        if ready:
+            raise DeadLetterError(
+                f"queue {self.queue!r} holds {self.count} messages, but the broker stopped delivering after "
+                f"{position} without an ack (a quorum queue serves at most {MAX_PREFETCH:,} unacked messages "
+                "to one reader that holds them all); narrow it with filters (--task, --exception, --since/"
+                "--until): what an operation moves or deletes is acked as it goes and does not count")
 
     def ack(self, letter: DeadLetter) -> None:
         """Remove ``letter`` from the queue (only after its copy is safe)."""

@@ -80,6 +80,8 @@ def _write_rewritten(stack: Stack, name: str, source: Path, local: Path) -> None
             labels = group.get("labels") if isinstance(group, dict) else None
             if isinstance(labels, dict) and VHOST_TARGET_LABEL in labels:
                 labels[VHOST_TARGET_LABEL] = stack.vhost
+            if stack.options.cluster and isinstance(group, dict) and isinstance(group.get("targets"), list):
+                group["targets"] = stack.cluster_targets(group["targets"])  # Prometheus scrapes every node
         return groups
 
     for path in sorted(source.glob("*.json")):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from kombu import Connection
 
 from service import queues
+from service.errors import KitError
 from service.settings import ConfigError, Settings
 from service.stack import files, processes
 from service.stack import provision as provisioning
@@ -62,20 +63,24 @@ class StackStatus:
     waiting: int | None = None
     #: Why the broker could not be read as the stack's admin ("" when it could).
     broker_error: str = ""
+    #: (node, AMQP port, management port, prometheus port, running) of a local cluster's nodes.
+    nodes: list[tuple[str, int, int, int, bool]] = field(default_factory=list)
 
     @property
     def unhealthy(self) -> int:
-        """Components failing their health check, plus one for an unreachable broker."""
+        """Components failing their health check, plus one for an unreachable broker and each node down."""
         failing = sum(not c.healthy for c in self.components if not c.optional_and_off)
-        return failing + bool(self.broker_error)
+        return failing + bool(self.broker_error) + sum(not running for *_, running in self.nodes)
 
 
 def local_stack(settings: Settings, port_offset: int | None = None, vhost: str | None = None,
-                user_prefix: str | None = None, demo: bool = False) -> Stack:
+                user_prefix: str | None = None, demo: bool = False, cluster: int | None = None) -> Stack:
     """The stack of KIT_STATE_DIR: the options given, else those of its last ``up``.
 
-    Raises StackError when components run and the options would change its port
-    offset, vhost or user prefix (``stack down`` first).
+    ``cluster`` is the number of nodes of a local RabbitMQ cluster (0: the
+    machine's single broker; None: as the last ``up``). Raises StackError when
+    components run and the options would change its port offset, vhost, user
+    prefix or cluster (``stack down`` first).
     """
     saved = processes.saved_options(settings.state_dir) or Options()
     options = Options(
@@ -83,19 +88,40 @@ def local_stack(settings: Settings, port_offset: int | None = None, vhost: str |
         vhost=vhost or saved.vhost,
         user_prefix=user_prefix or saved.user_prefix,
         demo=demo,
+        cluster=saved.cluster if cluster is None else cluster,
     )
     current = Stack(settings.state_dir, saved)
     running = [c.name for c in current.all_components() if processes.running_pid(current, c.name)]
-    changed = (options.port_offset, options.vhost, options.user_prefix) != (
-        saved.port_offset, saved.vhost, saved.user_prefix)
+    changed = (options.port_offset, options.vhost, options.user_prefix, options.cluster) != (
+        saved.port_offset, saved.vhost, saved.user_prefix, saved.cluster)
     if running and changed:
+        nodes = f"a {saved.cluster}-node cluster" if saved.cluster else "the single broker"
         raise StackError(
             f"the stack in {settings.state_dir} runs with port offset {saved.port_offset}, vhost "
-            f"{current.vhost!r}, user prefix {current.user_prefix!r} ({', '.join(running)}); "
+            f"{current.vhost!r}, user prefix {current.user_prefix!r} on {nodes} ({', '.join(running)}); "
             "run `stack down` first to change them")
     if "demo" in running:
-        options = Options(options.port_offset, options.vhost, options.user_prefix, demo=True)
+        options = Options(options.port_offset, options.vhost, options.user_prefix, demo=True,
+                          cluster=options.cluster)
     return Stack(settings.state_dir, options)
+
+
+def start_cluster(current: Stack) -> list[str]:
+    """Start the stack's cluster nodes that do not run (and have them join node 1); their names."""
+    cluster = current.cluster()
+    if cluster is None:
+        return []
+    try:
+        cluster.start()
+    except KitError as exc:
+        raise StackError(f"the local RabbitMQ cluster did not start: {exc}") from None
+    return [node.name for node in cluster.nodes]
+
+
+def cluster_admin_url(current: Stack) -> str:
+    """Node 1's address with no password: ``provision`` then creates the stack's admin with rabbitmqctl."""
+    node = current.broker_nodes()[0]
+    return f"pyamqp://{current.host}:{node.amqp_port}/"
 
 
 def closed_broker_port(current: Stack) -> int | None:
@@ -149,6 +175,13 @@ def down(current: Stack) -> Iterator[tuple[str, bool]]:
     for name in processes.started_names(current):
         if name not in names and processes.stop_name(current, name):
             yield name, True
+    cluster = current.cluster()
+    if cluster is not None:  # the stack started its cluster: it stops it
+        for node in reversed(cluster.nodes):
+            running = cluster.vm_pid(node) is not None
+            if running:
+                cluster.stop_node(node)
+            yield node.name, running
 
 
 def status(current: Stack) -> StackStatus:
@@ -166,13 +199,20 @@ def status(current: Stack) -> StackStatus:
     except ConfigError:
         result.provisioned = False
         return result
+    cluster = current.cluster()
+    if cluster is not None:
+        result.nodes = [(n.name, n.amqp_port, n.management_port, n.prometheus_port, cluster.is_running(n))
+                        for n in cluster.nodes]
+    if current.options.cluster:
+        url = current.cluster_broker_url(url)
     conn = Connection(url, connect_timeout=5)
+    profile = queues.topology(current.queue_type)
     try:
         channel = conn.channel()
-        for queue in queues.WORK_QUEUES + queues.DEAD_LETTER_QUEUES:
+        for queue in profile.work_queues + profile.lanes + profile.dead_letter_queues:
             _, ready, consumers = channel.queue_declare(queue.name, passive=True)
             result.queues.append((queue.name, ready, consumers))
-        result.waiting = sum(channel.queue_declare(q.name, passive=True)[1] for q in queues.WAIT_QUEUES)
+        result.waiting = sum(channel.queue_declare(q.name, passive=True)[1] for q in profile.wait_queues)
     except Exception as exc:  # noqa: BLE001 - any failure means the broker is not usable
         from service.connection import refusal
 

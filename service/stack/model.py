@@ -33,7 +33,14 @@ stops only the processes ``up`` started (pid files in KIT_STATE_DIR/run hold
 each pid with its start time, so a reused pid is never signalled), ``status``
 says what runs and what fails its health check (service.stack.processes and service.stack.lifecycle).
 RabbitMQ itself is Debian's, started by ``scripts/broker.sh`` when it is not
-reachable, and never stopped.
+reachable, and never stopped. With ``--cluster N`` it is a local cluster of N
+nodes (service.stack.cluster) that the stack starts and stops: every broker URL
+then lists every node, Prometheus scrapes each, and KIT_QUEUE_TYPE is quorum.
+
+Why this module is over 400 lines (about 470): every rule that maps one
+compose service to this machine (hosts, ports, paths, URLs, the cluster's
+nodes, commands, health checks) is here, side by side, so the rules can be
+read against each other and against docker-compose.yml.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from service.errors import KitError
+from service.stack.cluster import ClusterLayout, LocalCluster, Node
 from service.stack.compose import (
     COMPOSE_FILE,
     container_ports,
@@ -72,6 +80,17 @@ VHOST_TARGET_LABEL = "kit_vhost"
 AMQP_SCHEMES = ("pyamqp", "amqp", "amqps")
 #: The user prefix of the compose file (service.broker.DEFAULT_USER_PREFIX).
 COMPOSE_USER_PREFIX = "kit-"
+#: The compose service of the broker.
+BROKER_SERVICE = "rabbitmq"
+#: First ports of ``stack up --cluster N``'s nodes (node K: the port + K - 1, plus --port-offset).
+CLUSTER_AMQP_PORT = 5681
+CLUSTER_DIST_PORT = 25681
+CLUSTER_MANAGEMENT_PORT = 15681
+CLUSTER_PROMETHEUS_PORT = 15781
+#: Where the nodes of ``stack up --cluster N`` keep their data and logs: the rabbitmq user's own directory.
+CLUSTER_DATA_DIR = Path("/var/lib/rabbitmq/kit-clusters")
+#: The broker's container ports and the Node attribute of each on a cluster.
+_NODE_PORTS = {5672: "amqp_port", 15672: "management_port", 15692: "prometheus_port"}
 #: Addresses that mean "this machine" or "every interface" in a service's own flags.
 _OWN_HOSTS = ("0.0.0.0", "127.0.0.1", "localhost")
 
@@ -147,10 +166,11 @@ class Options:
     vhost: str | None = None  # default: the vhost of docker-compose.yml's broker URLs
     user_prefix: str | None = None  # default: kit-
     demo: bool = False
+    cluster: int = 0  # nodes of a local RabbitMQ cluster (quorum profile); 0: the machine's single broker
 
     def as_dict(self) -> dict[str, Any]:
         return {"port_offset": self.port_offset, "vhost": self.vhost, "user_prefix": self.user_prefix,
-                "demo": self.demo}
+                "demo": self.demo, "cluster": self.cluster}
 
 
 class Stack:
@@ -181,6 +201,58 @@ class Stack:
         self.log_dir = self.state_dir / "log"
         self.work_dir = self.state_dir / "stack"
 
+    @property
+    def queue_type(self) -> str:
+        """The topology profile (KIT_QUEUE_TYPE): quorum on a cluster, else classic."""
+        return "quorum" if self.options.cluster else "classic"
+
+    # -- a local RabbitMQ cluster (``stack up --cluster N``) ------------------
+
+    def cluster_layout(self) -> ClusterLayout | None:
+        """Names and ports of the stack's cluster nodes (ports moved by the port offset); None without one."""
+        if not self.options.cluster:
+            return None
+        o = self.port_offset
+        return ClusterLayout(size=self.options.cluster, prefix=f"kit-o{o}-c" if o else "kit-c",
+                             first_amqp_port=CLUSTER_AMQP_PORT + o, first_dist_port=CLUSTER_DIST_PORT + o,
+                             first_management_port=CLUSTER_MANAGEMENT_PORT + o,
+                             first_prometheus_port=CLUSTER_PROMETHEUS_PORT + o)
+
+    def cluster(self) -> LocalCluster | None:
+        """The stack's RabbitMQ cluster (its nodes' data in CLUSTER_DATA_DIR/<node prefix>); None without one.
+
+        Not in KIT_STATE_DIR: the nodes run as the ``rabbitmq`` user, which often
+        cannot reach it (a home directory or a test's temporary directory is 0700).
+        """
+        layout = self.cluster_layout()
+        return LocalCluster(CLUSTER_DATA_DIR / layout.prefix, layout) if layout else None
+
+    def broker_nodes(self) -> list[Node]:
+        """The cluster's nodes, first to last (empty without a cluster)."""
+        cluster = self.cluster()
+        return cluster.nodes if cluster else []
+
+    def _expand_to_nodes(self, text: str, port_attribute: str) -> list[str]:
+        """``text`` once per cluster node, node 1's address replaced by each node's."""
+        first = self.broker_nodes()[0]
+        address = f"{self.host}:{getattr(first, port_attribute)}"
+        return [text.replace(address, f"{self.host}:{getattr(node, port_attribute)}") for node in self.broker_nodes()]
+
+    def cluster_broker_url(self, url: str) -> str:
+        """A mapped broker URL of node 1 as every node's URL, joined by ``;`` (kombu's failover syntax)."""
+        return ";".join(self._expand_to_nodes(url, "amqp_port"))
+
+    def cluster_targets(self, targets: list[Any]) -> list[Any]:
+        """A Prometheus target list with node 1's prometheus endpoint expanded to every node's."""
+        first = f"{self.host}:{self.broker_nodes()[0].prometheus_port}"
+        expanded: list[Any] = []
+        for target in targets:
+            if target == first:
+                expanded += self._expand_to_nodes(target, "prometheus_port")
+            else:
+                expanded.append(target)
+        return expanded
+
     # -- facts from docker-compose.yml ------------------------------------
 
     def compose_vhost(self) -> str:
@@ -209,7 +281,9 @@ class Stack:
         raise StackError(f"{LOCAL_KEY}.paths does not map the container path {container_path}")
 
     def local_port(self, service: str, port: int) -> int:
-        """Where ``service``'s container port listens on this machine."""
+        """Where ``service``'s container port listens on this machine (on a cluster, rabbitmq's are node 1's)."""
+        if service == BROKER_SERVICE and self.options.cluster and port in _NODE_PORTS:
+            return getattr(self.broker_nodes()[0], _NODE_PORTS[port])
         if service in self.external:
             return port
         return port + self.port_offset
@@ -317,6 +391,10 @@ class Stack:
                 continue
             if urlsplit(value).scheme in AMQP_SCHEMES:
                 value = self.map_broker_url(value)
+                if self.options.cluster:
+                    env[key] = self.cluster_broker_url(self.map_text(name, value))
+                    env["KIT_QUEUE_TYPE"] = self.queue_type
+                    continue
             env[key] = self.map_text(name, value)
         if spec.get("venv"):
             env["PATH"] = str(REPO / spec["venv"] / "bin") + os.pathsep + env.get("PATH", os.defpath)
@@ -392,8 +470,8 @@ class Stack:
         return found
 
     def management_url(self) -> str:
-        """RabbitMQ's management API: KIT_ADMIN_URL, else the rabbitmq service's port 15672 here."""
-        if self.environ.get("KIT_ADMIN_URL"):
+        """RabbitMQ's management API: node 1's on a cluster, else KIT_ADMIN_URL, else the rabbitmq service's here."""
+        if self.environ.get("KIT_ADMIN_URL") and not self.options.cluster:
             return self.environ["KIT_ADMIN_URL"]
         return f"http://{self.host}:{self.local_port('rabbitmq', 15672)}"
 

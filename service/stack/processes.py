@@ -168,4 +168,5 @@ def saved_options(state_dir: Path) -> Options | None:
     except (OSError, ValueError):
         return None
     return Options(**{k: data.get(k) for k in ("vhost", "user_prefix")},
-                   port_offset=int(data.get("port_offset") or 0), demo=bool(data.get("demo")))
+                   port_offset=int(data.get("port_offset") or 0), demo=bool(data.get("demo")),
+                   cluster=int(data.get("cluster") or 0))

@@ -35,7 +35,7 @@ def provision(stack: Stack, admin_url: str) -> str:
     from service import broker
 
     passwords = broker.read_passwords(stack.secrets_dir)
-    defs = broker.definitions(stack.vhost, passwords, stack.user_prefix)
+    defs = broker.definitions(stack.vhost, passwords, stack.user_prefix, stack.queue_type)
     url = stack.management_url()
     try:
         broker.provision(defs, url, stack.user("admin"), passwords["admin"])
@@ -50,15 +50,17 @@ def provision(stack: Stack, admin_url: str) -> str:
                 pass
         # A fresh local broker: create the stack's administrator with rabbitmqctl
         # (root on the broker's machine), then provision as that administrator.
-        _bootstrap_admin(stack.vhost, stack.user("admin"), passwords["admin"])
+        nodes = stack.broker_nodes()
+        _bootstrap_admin(stack.vhost, stack.user("admin"), passwords["admin"], nodes[0].name if nodes else "")
         broker.provision(defs, url, stack.user("admin"), passwords["admin"])
         return stack.user("admin")
 
 
-def _bootstrap_admin(vhost: str, user: str, password: str) -> None:
-    """Create ``user`` as administrator of ``vhost`` on the local node (idempotent)."""
+def _bootstrap_admin(vhost: str, user: str, password: str, node: str = "") -> None:
+    """Create ``user`` as administrator of ``vhost`` on the local node (or cluster node ``node``; idempotent)."""
     def ctl(*args: str, ok_if: str = "") -> None:
-        result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True)
+        on_node = ["-n", node] if node else []
+        result = subprocess.run(["rabbitmqctl", "-q", *on_node, *args], capture_output=True, text=True)
         if result.returncode != 0 and not (ok_if and ok_if in (result.stdout + result.stderr)):
             raise RuntimeError(f"rabbitmqctl {args[0]} failed: {(result.stderr or result.stdout).strip()}")
 

@@ -47,6 +47,17 @@ def _failure(exc: BaseException | None, message_text: str) -> dict[str, Any]:
 class ReliableConsumer(Consumer):
     """Celery Consumer that dead-letters, with a reason, what it cannot run."""
 
+    class Blueprint(Consumer.Blueprint):
+        """Celery's consumer steps without native delayed delivery.
+
+        Celery turns it on when it sees quorum queues: it would declare 28
+        ``celery_delayed_*`` exchanges and queues (which a least-privilege worker
+        may not) and bind every work queue to them. The kit keeps waits in its
+        own wait queues instead.
+        """
+
+        default_steps = [step for step in Consumer.Blueprint.default_steps if "delayed_delivery" not in step]
+
     def start(self) -> None:
         """Consume; a user the broker does not let read the work queues ends the worker with one line.
 

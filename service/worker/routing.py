@@ -61,9 +61,15 @@ def _ensure_topology(settings: Settings) -> None:
 
 
 def source_queue(message: Message) -> str:
-    """The work queue a delivered message came from (its routing key)."""
+    """The work queue a delivered message came from (its routing key: the work queue's or its high lane's)."""
     key = (message.delivery_info or {}).get("routing_key") or ""
-    return key if key in queues.WORK_QUEUE_NAMES else queues.DEFAULT_QUEUE
+    return queues.work_queue_of_key(key) or queues.DEFAULT_QUEUE
+
+
+def return_key(message: Message) -> str:
+    """The routing key that puts a delivered message back where it came from, high lane included."""
+    key = (message.delivery_info or {}).get("routing_key") or ""
+    return key if queues.work_queue_of_key(key) else queues.DEFAULT_QUEUE
 
 
 def _properties(message: Message) -> dict[str, Any]:
@@ -140,7 +146,7 @@ def _to_wait_queue(message: Message, headers: dict[str, Any], delay_s: float) ->
     headers[h.ENQUEUED_AT] = time.time() + delay_s
     props = _properties(message)
     props["expiration"] = str(max(1, int(step * 1000)))
-    return Outgoing(queues.RETRY_EXCHANGE, source_queue(message), message.body, headers, props)
+    return Outgoing(queues.RETRY_EXCHANGE, return_key(message), message.body, headers, props)
 
 
 def schedule_retry(message: Message, delay_s: float, failure: dict[str, Any], *, worker_lost: int = 0) -> bool:

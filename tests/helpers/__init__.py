@@ -24,11 +24,11 @@ from tests.helpers.broker import (
     rabbitmqctl,
     sweep_stale_vhosts,
 )
-from tests.helpers.processes import Worker, running_beat, spawn
+from tests.helpers.processes import Beat, Worker, running_beat, spawn
 from tests.helpers.waiting import wait_for_run, wait_until
 
 __all__ = [
-    "ADMIN_PASSWORD", "ADMIN_USER", "AMQP_HOST", "AMQP_PORT", "MANAGEMENT_URL", "REPO", "STALE_VHOST_AGE",
+    "ADMIN_PASSWORD", "ADMIN_USER", "AMQP_HOST", "AMQP_PORT", "Beat", "MANAGEMENT_URL", "REPO", "STALE_VHOST_AGE",
     "TEST_VHOST_PREFIX", "Vhost", "Worker", "delete_vhost", "management", "management_delete", "rabbitmqctl",
     "running_beat", "spawn", "sweep_stale_vhosts", "wait_for_run", "wait_until",
 ]

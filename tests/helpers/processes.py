@@ -17,7 +17,7 @@ from harness.broker import REPO, Vhost
 from harness.processes import spawn
 from harness.waiting import wait_until
 
-__all__ = ["Worker", "running_beat", "spawn"]
+__all__ = ["Beat", "Worker", "running_beat", "spawn"]
 
 
 class Worker:
@@ -82,6 +82,66 @@ class Worker:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if not self._log.closed:
+            self._log.close()
+
+
+class Beat:
+    """A real ``celery beat`` process of the kit (log level INFO) in its own process group, its output in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = spawn([sys.executable, "-m", "celery", "-A", "service.app", "beat", "-l", "INFO"],
+                             env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        """The beat process's pid (Celery names it in a task's ``origin`` header: ``gen<pid>@<host>``)."""
+        return self.process.pid
+
+    def log(self) -> str:
+        """Everything beat printed so far (also after ``stop``)."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float) -> str:
+        """Wait until ``text`` is in the log (failing at once if beat exits); returns the first line with it."""
+        def logged() -> str | None:
+            log = self.log()
+            if text in log:
+                return next(line for line in log.splitlines() if text in line)
+            if self.process.poll() is not None:
+                raise AssertionError(f"beat exited with {self.process.returncode}:\n{log}")
+            return None
+        return wait_until(logged, timeout, f"beat to log {text!r}", interval=0.02)
+
+    def kill(self) -> None:
+        """SIGKILL its process group and wait for it to end."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def pause(self) -> None:
+        """SIGSTOP: beat hangs (its connections stay open and silent) until ``resume``."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause``."""
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop beat whatever its state (test teardown): SIGCONT, SIGTERM, then SIGKILL of its group."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGCONT)
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
         if not self._log.closed:
             self._log.close()
 

@@ -35,6 +35,7 @@ from the kit's worker side.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kombu import Exchange, Queue
@@ -42,19 +43,36 @@ from kombu import Exchange, Queue
 from service import queues
 
 
-def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, Any]:
+class Router:
     """Celery router: the task exchange, and the queue the caller named (else the kit's TASK_ROUTES).
 
     Also the kit's default priority (``normal``) when the caller gives none.
     A ``routing_key=`` the caller passes is kept as it is: one that is no work
-    queue's name is parked in ``unroutable.dead`` by the broker.
+    queue's name is parked in ``unroutable.dead`` by the broker. On the quorum
+    profile a task of high or critical priority goes to its work queue's high lane.
     """
-    asked = (options or {}).get("queue")
-    queue = asked.name if isinstance(asked, Queue) else asked
-    queue = str(queue or queues.queue_for_task(name))
-    # The priority is a default too (send_task ignores task_default_priority): the caller's wins.
-    return {"queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": queue,
-            "priority": queues.PRIORITIES[queues.DEFAULT_PRIORITY]}
+
+    def __init__(self, queue_type: str = queues.DEFAULT_QUEUE_TYPE) -> None:
+        self.profile = queues.topology(queue_type)
+
+    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+                 **kw: Any) -> dict[str, Any]:
+        """The queue, exchange, routing key and default priority of one task."""
+        options = options or {}
+        asked = options.get("queue")
+        queue = asked.name if isinstance(asked, Queue) else asked
+        queue = str(queue or queues.queue_for_task(name))
+        priority = options.get("priority")
+        default = queues.PRIORITIES[queues.DEFAULT_PRIORITY]
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            priority = default
+        # The priority is a default too (send_task ignores task_default_priority): the caller's wins.
+        return {"queue": queue, "exchange": queues.TASK_EXCHANGE,
+                "routing_key": self.profile.routing_key(queue, priority), "priority": default}
+
+
+#: The router of the classic profile.
+route = Router()
 
 
 def task_exchange() -> Exchange:
@@ -73,13 +91,16 @@ def work_queues() -> list[Queue]:
     ]
 
 
-def publisher_settings(broker_url: str | None = None) -> dict[str, Any]:
+def publisher_settings(broker_url: str | None = None, queue_type: str | None = None) -> dict[str, Any]:
     """The ``app.conf.update(...)`` settings of a plain Celery app that publishes to the kit.
 
     ``broker_url`` is included when given (it may also come from the app's own
     configuration). Tasks are routed by the kit's ``TASK_ROUTES`` unless the
-    caller names a ``queue`` (``route``).
+    caller names a ``queue`` (``Router``). ``queue_type`` is the kit's
+    KIT_QUEUE_TYPE (default: that variable, else classic): on quorum, high and
+    critical tasks go to the high lanes.
     """
+    queue_type = queue_type or os.environ.get("KIT_QUEUE_TYPE", "").strip().lower() or queues.DEFAULT_QUEUE_TYPE
     settings: dict[str, Any] = {
         "task_queues": work_queues(),
         "task_default_queue": queues.DEFAULT_QUEUE,
@@ -87,7 +108,7 @@ def publisher_settings(broker_url: str | None = None) -> dict[str, Any]:
         "task_default_exchange_type": queues.EXCHANGES[queues.TASK_EXCHANGE],
         "task_default_routing_key": queues.DEFAULT_QUEUE,
         "task_create_missing_queues": False,
-        "task_routes": (route,),
+        "task_routes": (Router(queue_type),),
         "task_default_priority": queues.PRIORITIES[queues.DEFAULT_PRIORITY],
         "task_serializer": "json",
         "result_serializer": "json",

@@ -51,8 +51,8 @@ _CLIENT_CERT_REASONS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
 
 
 def user_and_vhost(url: str) -> tuple[str, str]:
-    """The user name and vhost a broker URL names (kombu's defaults: guest, ``/``)."""
-    parts = urlsplit(url)
+    """The user name and vhost a broker URL names (kombu's defaults: guest, ``/``); of node 1 in a ``;`` list."""
+    parts = urlsplit(split_broker_urls(url)[0])
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     return unquote(parts.username or "guest"), unquote(path) or "/"
 
@@ -177,21 +177,26 @@ def open_connection(settings: Settings, timeout: float, **options: Any) -> Conne
 
     The connection returned keeps every node as its failover list, starting with
     the one it is on, so kombu's own reconnects move on to the next node. Each
-    attempt may take at most ``timeout`` seconds. Raises BrokerRefused at once
-    for what retrying cannot heal (the nodes of a cluster share users and
-    vhosts), else the last node's error.
+    attempts together take at most ``timeout`` seconds (a node that does not
+    answer gets what is left). Raises BrokerRefused at once for what retrying
+    cannot heal on any node (a refused login, a missing vhost, TLS: the nodes
+    of a cluster share users and vhosts), else the last node's error.
     """
     nodes = _last_good.order(settings.broker_url)
+    deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     for index, node in enumerate(nodes):
-        conn = Connection(";".join(nodes[index:] + nodes[:index]), connect_timeout=max(timeout, 0.1),
+        left = deadline - time.monotonic()
+        if index and left <= 0:
+            break
+        conn = Connection(";".join(nodes[index:] + nodes[:index]), connect_timeout=max(left, 0.1),
                           ssl=dict(settings.broker_ssl) if settings.broker_ssl else False, **options)
         try:
             conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)  # one attempt
         except Exception as exc:  # noqa: BLE001 - sorted below into "refused" and "may heal"
             conn.release()
             refused = refusal(exc, node)
-            if refused is not None:
+            if refused is not None and not (len(nodes) > 1 and _node_specific(exc)):
                 raise refused from None
             last_error = exc
             continue
@@ -199,6 +204,14 @@ def open_connection(settings: Settings, timeout: float, **options: Any) -> Conne
         return conn
     assert last_error is not None
     raise last_error
+
+
+def _node_specific(exc: BaseException) -> bool:
+    """A refusal that may be this node's alone (e.g. "vhost kit is down" on one node): try the next node."""
+    if not isinstance(exc, amqp.exceptions.NotAllowed):
+        return False
+    text = _reply_text(exc)
+    return not (_VHOST_MISSING.search(text) or _VHOST_REFUSED.search(text))
 
 
 def connect(settings: Settings) -> Connection:

@@ -5,7 +5,10 @@ message on the broker. A ``publish`` returns only once RabbitMQ confirmed the
 message; an unroutable message (no queue bound) is returned by the broker and
 raises PublishError instead of vanishing. A dropped connection is reopened
 within the publish deadline; a message whose confirm never arrived is sent
-again, so a publish is at-least-once.
+again, so a publish is at-least-once. A message the broker nacks or returns
+(as a quorum queue does while it elects a leader) is sent again, on a fresh
+channel, until the deadline; one still returned then raises PublishError,
+one still nacked BrokerUnavailable.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ def republished_properties(properties: dict[str, Any]) -> dict[str, Any]:
 class _Nacked(Exception):
     """The broker refused (basic.nack) or returned (basic.return) some messages of a window: not queued."""
 
-    def __init__(self, refused: list[Outgoing], why: str) -> None:
+    def __init__(self, refused: list[Outgoing], why: str, returned: bool = False) -> None:
         super().__init__(why)
         self.refused = refused
+        self.returned = returned  # returned unroutable, not nacked
 
 
 class ConfirmedChannel:
@@ -211,6 +215,8 @@ class ConfirmedChannel:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if isinstance(last_error, _Nacked) and last_error.returned:
+                    raise PublishError(f"{last_error} (for {self._deadline_s:g}s). Nothing of it is queued.")
                 raise BrokerUnavailable(
                     f"the broker at {redact_url(self._settings.broker_url)} did not accept "
                     f"{len(batch)} message(s) within {self._deadline_s:g}s: {last_error}. "
@@ -265,7 +271,8 @@ class ConfirmedChannel:
         returned, why = self._returned_of(batch)
         refused = nacked + [m for m in returned if all(m is not n for n in nacked)]
         if refused:
-            raise _Nacked(refused, why or f"the broker refused (nack) {len(nacked)} message(s): not queued")
+            raise _Nacked(refused, why or f"the broker refused (nack) {len(nacked)} message(s): not queued",
+                          returned=bool(returned) and not nacked)
 
     def _publish_window_and_wait(self, channel: amqp.Channel, batch: list[Outgoing],
                                  timeout: float) -> list[Outgoing]:

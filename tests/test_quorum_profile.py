@@ -154,3 +154,21 @@ def test_the_dlq_tools_read_a_quorum_dead_letter_queue_past_two_thousand_letters
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) == 2501
     assert vhost.depth("default.dead") == 2501  # listing changed nothing
+
+
+def test_a_lane_task_parked_in_unroutable_is_replayed_into_its_work_queue(kit_env, vhost, topology):
+    """After a move back to classic, a publisher still on quorum parks high tasks (key ``default.high``)."""
+    conn = vhost.connection()
+    try:
+        channel = conn.channel()
+        channel.confirm_select()
+        channel.basic_publish_confirm(
+            amqp.Message(b'[["x"], {}, {}]', application_headers={"task": "test.record", "id": "lane-1"},
+                         content_type="application/json", content_encoding="utf-8", priority=3),
+            queues.TASK_EXCHANGE, "default.high")
+    finally:
+        conn.close()
+    wait_until(lambda: vhost.depth(queues.UNROUTABLE_QUEUE) == 1, 15, "the lane task parked in unroutable.dead")
+    done = _cli(kit_env, "dlq", "replay", "--queue", "unroutable")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert vhost.depths(["default", queues.UNROUTABLE_QUEUE]) == {"default": 1, queues.UNROUTABLE_QUEUE: 0}

@@ -42,6 +42,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import amqp
 from celery.beat import PersistentScheduler
 from celery.utils.time import maybe_make_aware
 
@@ -90,7 +91,25 @@ class LeasedScheduler(PersistentScheduler):
             self._lose(f"recording the run of {entry.name} in {queues.BEAT_STATE_QUEUE!r} failed: {describe(exc)}; "
                        "it was not sent")
             return
-        super().apply_entry(entry, producer=producer)
+        self._send(entry, producer)
+
+    def _send(self, entry: Any, producer: Any) -> None:
+        """Send a due task; one the broker nacks (a quorum queue electing its leader) is sent again until
+        KIT_PUBLISH_TIMEOUT has passed, then logged as not sent (its next run is at the next interval)."""
+        deadline = time.monotonic() + self._settings.publish_timeout
+        logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+        while True:
+            try:
+                self.apply_async(entry, producer=producer, advance=False)
+                return
+            except Exception as exc:  # noqa: BLE001 - a nack is retried, the rest reported; beat keeps running
+                # Only a nack certainly left nothing queued; another failure may have sent it.
+                if not isinstance(exc, amqp.exceptions.MessageNacked) or time.monotonic() >= deadline:
+                    logger.error("beat: %s was not sent (run of %s lost; the next one is due at the next "
+                                 "interval): %s", entry.name, entry.task, describe(exc))
+                    return
+                logger.warning("beat: sending %s failed (%s); sending it again", entry.name, describe(exc))
+                time.sleep(0.2)
 
     def close(self) -> None:
         """Celery's close (the schedule file is synced), then the lease is given back."""

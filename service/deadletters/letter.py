@@ -155,8 +155,8 @@ class DeadLetter:
     def source_queue(self) -> str:
         """The work queue to put it back on; "" for an unroutable message whose routing key
         names no work queue (it has none: a replay needs ``to``)."""
-        if self.unroutable:
-            return self.routing_key if self.routing_key in queues.WORK_QUEUE_NAMES else ""
+        if self.unroutable:  # a work queue's name, or its high lane's (parked after a move back to classic)
+            return queues.work_queue_of_key(self.routing_key) or ""
         source = self.headers.get(h.SOURCE_QUEUE)
         if source in queues.WORK_QUEUE_NAMES:
             return str(source)

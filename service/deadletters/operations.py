@@ -134,8 +134,10 @@ def _require_work_queue(conn: Connection, name: str) -> None:
     try:
         channel.queue_declare(name, passive=True)
     except amqp.exceptions.NotFound:
+        lane = (" (a high lane of the quorum profile: is KIT_QUEUE_TYPE=quorum right for this broker? "
+                "`python -m service topology verify` tells)" if name.endswith(queues.HIGH_LANE_SUFFIX) else "")
         raise DeadLetterError(
-            f"work queue {name!r} does not exist on the broker (a replay would park its tasks in "
+            f"work queue {name!r} does not exist on the broker{lane} (a replay would park its tasks in "
             f"{queues.UNROUTABLE_QUEUE}); run `python -m service topology declare`"
         ) from None
     finally:
@@ -206,12 +208,14 @@ def replay(
             return True
         assert publisher is not None
         try:
-            for target in {to or d.source_queue for d in window} - present:
+            profile = queues.topology(settings.queue_type)
+            outgoing = [replayed_message(d, to or d.source_queue, profile) for d in window]
+            # The queue each one is routed to (a high lane on quorum) must exist: the task
+            # exchange would park it in unroutable.dead, confirmed, without a word.
+            for target in {message.routing_key for message in outgoing} - present:
                 _require_work_queue(conn, target)
                 present.add(target)
-            profile = queues.topology(settings.queue_type)
-            publisher.publish_many([replayed_message(d, to or d.source_queue, profile) for d in window],
-                                   window=len(window))
+            publisher.publish_many(outgoing, window=len(window))
         except KitError as exc:
             for letter in window:
                 outcome.failed.append((letter, str(exc)))

@@ -23,6 +23,8 @@ from service.deadletters.letter import DeadLetter, DeadLetterError
 
 #: The largest prefetch count AMQP 0-9-1 can express (a short).
 MAX_PREFETCH = 65535
+#: What a quorum queue (RabbitMQ 3.10) delivers unacked to a consumer with no prefetch limit.
+QUORUM_UNLIMITED_CAP = 2000
 
 
 class QueueBusy(DeadLetterError):
@@ -86,9 +88,10 @@ class Walk:
         finally:
             probe.close()
         if ready:
+            cap = min(self.count, MAX_PREFETCH) if self.count <= MAX_PREFETCH else QUORUM_UNLIMITED_CAP
             raise DeadLetterError(
                 f"queue {self.queue!r} holds {self.count} messages, but the broker stopped delivering after "
-                f"{position} without an ack (a quorum queue serves at most {MAX_PREFETCH:,} unacked messages "
+                f"{position} without an ack (a quorum queue serves at most {cap:,} unacked messages "
                 "to one reader that holds them all); narrow it with filters (--task, --exception, --since/"
                 "--until): what an operation moves or deletes is acked as it goes and does not count")
 

@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import amqp
-from celery.beat import PersistentScheduler
+from celery.beat import PersistentScheduler, SchedulingError
 from celery.utils.time import maybe_make_aware
 
 from service import queues
@@ -91,24 +91,22 @@ class LeasedScheduler(PersistentScheduler):
             self._lose(f"recording the run of {entry.name} in {queues.BEAT_STATE_QUEUE!r} failed: {describe(exc)}; "
                        "it was not sent")
             return
-        self._send(entry, producer)
+        # Celery's apply_entry (which Sentry's Crons integration wraps) calls apply_async below.
+        super().apply_entry(entry, producer=producer)
 
-    def _send(self, entry: Any, producer: Any) -> None:
-        """Send a due task; one the broker nacks (a quorum queue electing its leader) is sent again until
-        KIT_PUBLISH_TIMEOUT has passed, then logged as not sent (its next run is at the next interval)."""
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        """Celery's apply_async; a send the broker nacks (a quorum queue electing its leader) is sent again
+        until KIT_PUBLISH_TIMEOUT has passed. Other failures are raised at once (they may have sent it)."""
         deadline = time.monotonic() + self._settings.publish_timeout
-        logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
         while True:
             try:
-                self.apply_async(entry, producer=producer, advance=False)
-                return
-            except Exception as exc:  # noqa: BLE001 - a nack is retried, the rest reported; beat keeps running
-                # Only a nack certainly left nothing queued; another failure may have sent it.
-                if not isinstance(exc, amqp.exceptions.MessageNacked) or time.monotonic() >= deadline:
-                    logger.error("beat: %s was not sent (run of %s lost; the next one is due at the next "
-                                 "interval): %s", entry.name, entry.task, describe(exc))
-                    return
-                logger.warning("beat: sending %s failed (%s); sending it again", entry.name, describe(exc))
+                return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
+            except SchedulingError as exc:  # Celery's wrapper; the broker's answer is its context
+                nacked = isinstance(exc.__context__, amqp.exceptions.MessageNacked)
+                if not nacked or time.monotonic() >= deadline:
+                    raise
+                logger.warning("beat: the broker refused (nack) %s; sending it again", entry.name)
+                advance = False  # the run is reserved already
                 time.sleep(0.2)
 
     def close(self) -> None:

@@ -30,6 +30,8 @@ REPORT_EVERY = 2000
 #: Seconds between emptying a queue no binding feeds and checking it before it is deleted, so
 #: that messages routed to it just before its binding went have arrived.
 SETTLE_S = 0.2
+#: How long a consumer a queue still counts may take to go before it is someone else's.
+CONSUMER_GONE_S = 5.0
 #: Times an emptied queue is checked (and emptied again) before its delete gives up.
 DELETE_ATTEMPTS = 5
 
@@ -129,6 +131,19 @@ class Mover:
         """Wait SETTLE_S, for messages routed to a queue just before its binding went to reach it."""
         time.sleep(SETTLE_S)
 
+    def _counts_once_own_consumer_gone(self, name: str) -> tuple[int, int] | None:
+        """``counts`` of ``name``, after waiting up to CONSUMER_GONE_S for a consumer to go.
+
+        A quorum queue counts a consumer for a moment after its cancel (seen on a
+        loaded machine): the move's own consumer, just cancelled, is not another one.
+        """
+        deadline = time.monotonic() + CONSUMER_GONE_S
+        while True:
+            left = counts(self.conn, name)
+            if left is None or not left[1] or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.1)
+
     def delete_empty(self, name: str, queue_type: str, route: Route, where: str) -> None:
         """Delete queue ``name``, which no binding feeds any more (``settle`` was called since), once it is empty.
 
@@ -142,7 +157,7 @@ class Mover:
             late = self.move(name, route, where)
             if late:
                 self.report(Step(name, f"{late} more moved {where} (they arrived during the move)"))
-            left = counts(self.conn, name)
+            left = self._counts_once_own_consumer_gone(name)
             if left is None:
                 return
             if left[1]:

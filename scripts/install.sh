@@ -8,13 +8,15 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# RabbitMQ, Prometheus (with promtool) and Alertmanager (with amtool) from Debian.
+# RabbitMQ, Prometheus (with promtool), Alertmanager (with amtool) and Redis (the result
+# backend of task status and cancel) from Debian.
 # Where systemd runs, Debian starts them as services; the kit starts its own
 # instances otherwise (scripts/broker.sh, python -m service stack up).
 missing=()
 command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)  # KIT_RESULT_BACKEND: task status and cancel
 # docker-compose only validates docker-compose.yml here (no engine needed); without
 # --no-install-recommends it would pull in the Docker engine.
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)

@@ -23,6 +23,7 @@ from kombu import Queue as KombuQueue
 from service import queues, startup
 from service.errors import InvalidTaskInput
 from service.settings import ConfigError, Settings, load, redact_url
+from service.status.backend import celery_config
 from service.worker.lanes import LaneAMQP, NativeDelayedDeliveryWarning
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ TASK_MODULES = (
     "service.tasks.reports",
     "service.tasks.webhooks",
     "service.tasks.maintenance",
+    "service.tasks.work_logs",
+    "service.tasks.notifications",
 )
 
 
@@ -101,9 +104,11 @@ def check_one_source_of_configuration(settings: Settings) -> None:
         if not value:
             continue
         if name == "CELERY_RESULT_BACKEND":
+            if value == settings.result_backend:
+                continue
             raise ConfigError(
-                f"{name}={redact_url(value)!r} is set, but the kit's workers store no results "
-                "(task_ignore_result): unset it; failures are in the dead-letter queues")
+                f"{name}={redact_url(value)!r} is set, but the kit's workers store no results there: "
+                "unset it and set KIT_RESULT_BACKEND (which `task status` and `task cancel` read too)")
         if value not in (settings.broker_url, os.environ.get("KIT_BROKER_URL", "").strip()):
             raise ConfigError(
                 f"{name}={redact_url(value)!r} disagrees with KIT_BROKER_URL={redact_url(settings.broker_url)!r}: "
@@ -184,7 +189,8 @@ def make_app() -> Celery:
         event_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_ignore_result=True,
+        # KIT_RESULT_BACKEND: states and results (service.status.backend), or none stored.
+        **celery_config(settings),
         # Task events feed celery-exporter and Flower.
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -243,6 +249,14 @@ def _check_worker_start(options: dict[str, Any] | None = None, **_: Any) -> None
     Declares the whole topology before consuming, so dead letters have somewhere to go.
     """
     startup.run_or_exit(lambda: startup.check_worker((options or {}).get("queues")))
+
+
+@celeryd_init.connect
+def _name_the_worker(sender: Any = None, **_: Any) -> None:
+    """The states a worker records name it as Celery does (``w1@host``)."""
+    from service.status.recorder import set_worker_name
+
+    set_worker_name(str(sender or ""))
 
 
 @beat_init.connect  # connected first: runs before the other beat_init receivers

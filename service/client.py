@@ -14,180 +14,42 @@ the broker's confirms a window at a time instead of one by one.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import threading
-import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from reprlib import Repr
 from typing import Any
 
-from service import headers as h
 from service import queues
-from service.errors import InvalidTaskInput
 from service.monitoring import sentry
 from service.publishing import ConfirmedChannel, Outgoing
+from service.publishing.events import EventBatcher
 from service.settings import Settings, load
+from service.status import arevoke, astatus, revoke, status
+from service.status.marks import QueuedMarker
+from service.task_message import (
+    EVENT_EXCHANGE,
+    EVENT_ROUTING_KEY,
+    HOSTNAME,
+    MAX_COUNTDOWN_S,
+    TaskRequest,
+    build_message,
+    sent_event,
+    sent_event_fields,
+)
 
-__all__ = ["Publisher", "TaskRequest", "publish", "build_message"]
-
-_REPR = Repr()
-_REPR.maxstring = 100
-_REPR.maxother = 100
-_HOSTNAME = f"gen{os.getpid()}@{socket.gethostname()}"
-_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
-
-
-@dataclass
-class TaskRequest:
-    """One task to publish, as given to ``Publisher.publish_many``."""
-
-    name: str
-    args: Sequence[Any] = ()
-    kwargs: Mapping[str, Any] | None = None
-    priority: str | int = queues.DEFAULT_PRIORITY
-    queue: str | None = None
-    countdown: float | None = None
-    task_id: str | None = None
-    extra_headers: dict[str, Any] = field(default_factory=dict)
-
-
-#: The longest countdown the client accepts (about 10 years): beyond it, the due
-#: time is more likely a unit mistake (milliseconds) than a plan.
-MAX_COUNTDOWN_S = 10 * 366 * 86400
-
-
-def build_message(
-    request: TaskRequest, max_payload_bytes: int, longest_wait_s: int = queues.WAIT_TIERS_S[-1],
-    profile: queues.Topology | None = None,
-) -> tuple[str, Outgoing]:
-    """Validate a TaskRequest and turn it into a Celery protocol-2 message.
-
-    Returns (task id, message). Raises InvalidTaskInput, saying what was wrong,
-    before anything is sent. A countdown waits in the broker's wait queues, in
-    trips of at most ``longest_wait_s`` (KIT_LONGEST_WAIT). ``profile``
-    (KIT_QUEUE_TYPE's; default classic) picks the routing key: on quorum, a
-    high or critical task goes to its work queue's high lane.
-    """
-    name = request.name
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidTaskInput(f"task name must be a non-empty string, got {name!r}")
-    try:
-        queue = queues.work_queue(request.queue or queues.queue_for_task(name)).name
-        priority = queues.resolve_priority(request.priority)
-    except ValueError as exc:
-        raise InvalidTaskInput(str(exc)) from None
-    args = request.args
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-        raise InvalidTaskInput(f"args must be a list or tuple, got {type(args).__name__}")
-    kwargs = {} if request.kwargs is None else request.kwargs
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise InvalidTaskInput("kwargs must be a mapping with string keys")
-    task_id = request.task_id or str(uuid.uuid4())
-    if not isinstance(task_id, str) or not task_id:
-        raise InvalidTaskInput(f"task_id must be a non-empty string, got {task_id!r}")
-    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    try:
-        body = json.dumps([list(args), dict(kwargs), embed], allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise InvalidTaskInput(
-            f"arguments of {name} are not JSON-serializable ({exc}); pass plain "
-            "strings, numbers, lists and dicts (ISO strings for dates, ids for objects)"
-        ) from None
-    payload = body.encode()
-    if len(payload) > max_payload_bytes:
-        raise InvalidTaskInput(
-            f"the arguments of {name} encode to {len(payload)} bytes, over the limit of "
-            f"{max_payload_bytes} (KIT_MAX_PAYLOAD_BYTES); store the data elsewhere and "
-            "pass a reference (a path, a URL or an id)"
-        )
-    headers: dict[str, Any] = {
-        "lang": "py",
-        "task": name,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": _REPR.repr(list(args)),
-        "kwargsrepr": _REPR.repr(dict(kwargs)),
-        "origin": _ORIGIN,
-        "ignore_result": False,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-    }
-    headers[h.ENQUEUED_AT] = time.time() + (request.countdown or 0)
-    headers.update(sentry.trace_headers())  # continues the caller's Sentry trace in the task
-    headers.update(request.extra_headers)
-    properties = {
-        "content_type": "application/json",
-        "content_encoding": "utf-8",
-        "delivery_mode": 2,
-        "priority": priority,
-        "correlation_id": task_id,
-        "reply_to": "",
-    }
-    exchange = queues.TASK_EXCHANGE
-    countdown = request.countdown
-    if countdown is not None:
-        if (isinstance(countdown, bool) or not isinstance(countdown, (int, float))
-                or not 0 <= countdown <= MAX_COUNTDOWN_S):
-            raise InvalidTaskInput(
-                f"countdown must be a number of seconds from 0 to {MAX_COUNTDOWN_S}, got {countdown!r}")
-        if countdown > 0:
-            # Held by the broker in a wait queue, not as an ETA in a worker's memory. A
-            # countdown longer than one wait carries its due time: the worker sends the
-            # message to wait again until it is due.
-            tier, step = queues.wait_step(countdown, longest_wait_s)
-            exchange = queues.RETRY_EXCHANGE
-            headers[queues.WAIT_HEADER] = queues.wait_tier_name(tier)
-            properties["expiration"] = str(max(1, int(step * 1000)))
-            if countdown > step:
-                headers["eta"] = (datetime.now(UTC) + timedelta(seconds=countdown)).isoformat()
-    routing_key = (profile or queues.topology()).routing_key(queue, priority)
-    return task_id, Outgoing(exchange, routing_key, payload, headers, properties)
-
-
-EVENT_EXCHANGE = "celeryev"  # Celery's own event exchange (celery.events)
-
-
-def sent_event(task_id: str, message: Outgoing) -> Outgoing:
-    """Celery's ``task-sent`` event for a message, as celery-exporter and Flower read it.
-
-    With it the exporter labels the task's later events with its queue.
-    """
-    headers = message.headers
-    queue = queues.work_queue_of_key(message.routing_key) or message.routing_key  # a lane counts as its queue
-    event = {
-        "type": "task-sent", "timestamp": time.time(), "hostname": _HOSTNAME, "utcoffset": _utcoffset(),
-        "pid": os.getpid(), "clock": 0, "uuid": task_id, "root_id": headers.get("root_id"),
-        "parent_id": headers.get("parent_id"), "name": headers.get("task"), "args": headers.get("argsrepr"),
-        "kwargs": headers.get("kwargsrepr"), "retries": headers.get("retries", 0), "eta": None, "expires": None,
-        "queue": queue, "exchange": queues.TASK_EXCHANGE, "routing_key": message.routing_key,
-    }
-    return Outgoing(EVENT_EXCHANGE, "task.sent", json.dumps(event).encode(), {"hostname": _HOSTNAME},
-                    {"content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 1})
-
-
-def _utcoffset() -> int:
-    return -time.timezone // 3600 if not time.localtime().tm_isdst else -time.altzone // 3600
+# AsyncPublisher and apublish come from the module __getattr__ below.
+__all__ = ["EVENT_EXCHANGE", "MAX_COUNTDOWN_S", "AsyncPublisher", "Publisher", "TaskRequest",  # noqa: F822
+           "apublish", "arevoke", "astatus", "build_message", "publish", "revoke", "sent_event", "status"]
 
 
 class Publisher:
     """A reusable, thread-safe publisher holding one broker connection.
 
-    The connection opens on first use and is reopened after it drops. Close it
-    with ``close()`` or use the publisher as a context manager.
+    Share one between threads: their publishes overlap on the connection (each
+    call still returns only once the broker confirmed its own task). The
+    connection opens on first use and is reopened after it drops; after a fork
+    the child opens its own. Close it with ``close()`` or use the publisher as
+    a context manager.
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
@@ -195,6 +57,9 @@ class Publisher:
         self._profile = queues.topology(self._settings.queue_type)
         sentry.init("client", self._settings)  # once per process; never over the host app's own init
         self._channel = ConfirmedChannel(self._settings)
+        self._events = (EventBatcher(self._channel, EVENT_EXCHANGE, EVENT_ROUTING_KEY, {"hostname": HOSTNAME})
+                        if self._settings.send_sent_events else None)
+        self._marks = QueuedMarker(self._settings)
 
     def publish(
         self,
@@ -215,8 +80,7 @@ class Publisher:
         task_id, message = build_message(request, self._settings.max_payload_bytes, self._settings.longest_wait,
                                          self._profile)
         self._channel.publish(message)
-        if self._settings.send_sent_events:
-            self._channel.publish_events([sent_event(task_id, message)])
+        self._published(task_id, message)
         return task_id
 
     def publish_many(self, requests: Iterable[TaskRequest], *, window: int = 256) -> list[str]:
@@ -228,12 +92,20 @@ class Publisher:
         built = [build_message(r, self._settings.max_payload_bytes, self._settings.longest_wait, self._profile)
                  for r in requests]
         self._channel.publish_many((m for _, m in built), window=window)
-        if self._settings.send_sent_events:
-            self._channel.publish_events([sent_event(task_id, m) for task_id, m in built])
+        for task_id, message in built:
+            self._published(task_id, message)
         return [task_id for task_id, _ in built]
 
+    def _published(self, task_id: str, message: Outgoing) -> None:
+        """After the broker confirmed a task: its task-sent event and its "queued" state, both batched."""
+        if self._events is not None:
+            self._events.add(sent_event_fields(task_id, message))
+        self._marks.add(task_id, message.headers["task"])
+
     def close(self) -> None:
-        """Close the broker connection."""
+        """Send the events still waiting, then close the broker connection."""
+        if self._events is not None:
+            self._events.flush()
         self._channel.close()
 
     def __enter__(self) -> Publisher:
@@ -276,3 +148,15 @@ def publish(
     return _publisher().publish(
         name, args, kwargs, priority=priority, queue=queue, countdown=countdown, task_id=task_id
     )
+
+
+def __getattr__(name: str) -> Any:
+    """``AsyncPublisher`` and ``apublish`` of service.async_client, imported on first use.
+
+    So a sync user of this module never imports aio-pika.
+    """
+    if name in ("AsyncPublisher", "apublish"):
+        from service import async_client
+
+        return getattr(async_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,6 +38,11 @@ class PublishError(KitError):
     """The broker refused a message (nack or unroutable); nothing was queued."""
 
 
+class ResultBackendUnavailable(KitError):
+    """The result backend (KIT_RESULT_BACKEND) could not be reached or did not answer in time,
+    or a feature that needs one (``task cancel``) was asked for without one."""
+
+
 class InvalidTaskInput(KitError, ValueError):
     """A publish was refused before anything was sent: bad name, queue, priority or payload."""
 

@@ -57,6 +57,8 @@ REASON_UNKNOWN_TASK = "unknown-task"
 REASON_INVALID_ARGUMENTS = "invalid-arguments"
 REASON_INVALID_MESSAGE = "invalid-message"
 REASON_EXPIRED = "expired"
+#: Cancelled with ``task cancel`` / ``service.client.revoke`` before it ran (service.status.revoke).
+REASON_REVOKED = "revoked"
 
 MAX_MESSAGE_CHARS = 1000
 MAX_TRACEBACK_CHARS = 4000

@@ -341,6 +341,7 @@ TASK_ROUTES: MappingProxyType[str, str] = MappingProxyType(
         "webhooks.*": "default",
         "reports.*": "bulk",
         "maintenance.*": "bulk",
+        "notifications.*": "urgent",
     }
 )
 

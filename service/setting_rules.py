@@ -6,6 +6,11 @@ or raises ``ConfigError``, one line naming the variable, the value and what is
 accepted. ``read_secret`` reads a password file (every password file of the kit
 is read through it). The table of settings is ``service.settings.SETTINGS``;
 this module imports nothing of the kit.
+
+Why this module is over 400 lines (about 420): each kind of value (URLs of the
+broker, the result backend and Sentry, hosts, files, addresses, time zones)
+is one small checker, and they are kept side by side so every kind answers a
+bad value with the same one-line shape.
 """
 
 from __future__ import annotations
@@ -38,9 +43,19 @@ SENTRY_DSN = "sentry-dsn"  #: empty, or http(s)://key@host/project
 TIMEZONE = "timezone"  #: an IANA time zone name (UTC, Asia/Shanghai)
 HTTP_URL = "http-url"  #: an http:// or https:// URL with a host and no credentials
 NAME = "name"  #: one line of text, not empty
+RESULT_BACKEND_URL = "result-backend-url"  #: empty, or a Celery result backend URL (redis:// checked whole)
 
 #: Broker URL schemes the kit accepts.
 AMQP_SCHEMES = ("pyamqp", "amqps", "amqp")
+#: The URL schemes of Celery's result backends (celery.app.backends.BACKEND_ALIASES, Celery 5.7);
+#: ``db+postgresql://`` style URLs name the backend before the ``+``.
+RESULT_BACKEND_SCHEMES = (
+    "rpc", "cache", "redis", "rediss", "sentinel", "mongodb", "db", "database", "elasticsearch", "cassandra",
+    "couchbase", "couchdb", "cosmosdbsql", "riak", "file", "consul", "dynamodb", "azureblockblob", "arangodb",
+    "s3", "gs",
+)
+#: What ``ssl_cert_reqs`` of a ``rediss://`` URL may be (Celery refuses the URL without it).
+_REDIS_CERT_REQS = ("required", "optional", "none", "cert_required", "cert_optional", "cert_none")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -123,6 +138,8 @@ _ACCEPTED: dict[str, Callable[[Setting], str]] = {
     TIMEZONE: lambda s: "an IANA time zone name such as UTC or Asia/Shanghai",
     HTTP_URL: lambda s: "an http:// or https:// URL with a host and no credentials",
     NAME: lambda s: "one line of text, not empty",
+    RESULT_BACKEND_URL: lambda s: "empty, or a Celery result backend URL such as redis://host:6379/0 "
+                                  "(rediss:// with ?ssl_cert_reqs=required)",
 }
 
 
@@ -289,6 +306,29 @@ def _parse_sentry_dsn(setting: Setting, raw: str) -> str:
     return raw
 
 
+def _parse_result_backend(setting: Setting, raw: str) -> str:
+    """Empty, or a URL of a result backend Celery knows; a Redis URL is checked whole."""
+    if not raw:
+        return ""
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+    if scheme.split("+", 1)[0] not in RESULT_BACKEND_SCHEMES:
+        raise _Rejected("is not a result backend URL Celery knows")
+    if scheme not in ("redis", "rediss"):
+        return raw
+    parts = _url_parts(raw)
+    if not parts.hostname:
+        raise _Rejected("names no host")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise _Rejected(f"names database {database!r}; the path is a database number (/0)")
+    if scheme == "rediss":
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        if query.get("ssl_cert_reqs", "").lower() not in _REDIS_CERT_REQS:
+            raise _Rejected("is a rediss:// URL without ?ssl_cert_reqs=required (or optional, none), "
+                            "which Celery requires")
+    return raw
+
+
 def _parse_timezone(raw: str) -> str:
     try:
         ZoneInfo(raw)
@@ -313,12 +353,13 @@ _PARSERS: dict[str, Callable[[Setting, str], Any]] = {
     TIMEZONE: lambda setting, raw: _parse_timezone(raw),
     HTTP_URL: _parse_http_url,
     NAME: _parse_name,
+    RESULT_BACKEND_URL: _parse_result_backend,
 }
 
 
 def _shown(setting: Setting, raw: str) -> str:
     """The value as an error message shows it: quoted, one line, secrets hidden, not too long."""
-    if setting.kind == BROKER_URL:
+    if setting.kind in (BROKER_URL, RESULT_BACKEND_URL):
         raw = redact_url(raw)
     elif setting.kind == SENTRY_DSN:
         raw = redact_dsn(raw)

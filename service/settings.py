@@ -37,6 +37,7 @@ from service.setting_rules import (
     INT,
     MODULES,
     NAME,
+    RESULT_BACKEND_URL,
     SENTRY_DSN,
     TEXT,
     TIMEZONE,
@@ -52,6 +53,7 @@ from service.setting_rules import (
 __all__ = [
     "AMQP_SCHEMES", "BOOL", "BROKER_URL", "CHOICE", "CONSUMER_TIMEOUT_S", "DIR", "EMAIL", "FILE", "FLOAT", "HOST",
     "HTTP_URL", "INT", "LOG_LEVELS", "MAX_COUNT", "MAX_TIMEOUT_S", "MODULES", "NAME", "RABBITMQ_MAX_MESSAGE_BYTES",
+    "RESULT_BACKEND_URL",
     "SENTRY_DSN", "SETTINGS", "TEXT", "TIMEZONE", "ConfigError", "Setting", "Settings", "load", "parse",
     "read_secret", "redact_dsn", "redact_url", "validate",
 ]
@@ -228,7 +230,7 @@ SETTINGS: tuple[Setting, ...] = (
     _count("KIT_SMTP_PORT", "25", "SMTP port.", 1, 65535),
     _seconds("KIT_SMTP_TIMEOUT", "10", "Seconds an SMTP conversation may take.", 0.1, MAX_TIMEOUT_S),
     Setting("KIT_MAIL_FROM", "noreply@localhost", "Envelope sender of e-mail tasks.", EMAIL),
-    Setting("KIT_REPORT_DIR", "var/reports", "Where report exports write their CSV files.", DIR),
+    Setting("KIT_REPORT_DIR", "var/reports", "Where report exports write their CSV (and XLSX) files.", DIR),
     Setting(
         "KIT_REPORT_MAX_AGE_HOURS",
         "168",
@@ -251,6 +253,28 @@ SETTINGS: tuple[Setting, ...] = (
         "`X-Signature-SHA256`); unsigned when empty.",
         FILE,
     ),
+    Setting("KIT_WEB_HOST", "127.0.0.1", "Address `python -m service web` (the example web service) listens on.",
+            HOST),
+    _count("KIT_WEB_PORT", "8000", "Port of `python -m service web`.", 1, 65535),
+    _seconds("KIT_WEB_REQUEST_TIMEOUT", "30",
+             "Seconds the web service may take to answer a request before it gives up with 503 "
+             "(downloads: until the file starts streaming).",
+             0.5, MAX_TIMEOUT_S),
+    _seconds("KIT_WEB_EXPORT_PAUSE", "0",
+             "Seconds a work-log export published by the web service pauses after each chunk of rows: "
+             "0 in production; a few hundredths make the progress visible in demos and tests.",
+             0, 1),
+    Setting(
+        "KIT_RESULT_BACKEND",
+        "",
+        "Result backend that keeps each task's state for `task status` and `task cancel`: a Celery "
+        "result backend URL, e.g. `redis://127.0.0.1:6379/0` (Redis is the supported one: cancel and "
+        "the kit's own states need it; `rediss://` needs `?ssl_cert_reqs=required`). Empty: no backend; "
+        "workers store no results and `task status` answers only what the dead-letter queues show.",
+        RESULT_BACKEND_URL,
+    ),
+    _count("KIT_RESULT_EXPIRES", "86400",
+           "Seconds a task's state, result and cancel mark are kept in the result backend.", 1, 365 * 86400),
     Setting("SENTRY_DSN", "", "Sentry DSN of workers, beat and the client; Sentry is off when empty.", SENTRY_DSN),
     Setting("SENTRY_ENVIRONMENT", "", "Sentry environment (Sentry's own default, `production`, when empty).", TEXT),
     Setting("SENTRY_RELEASE", "", "Sentry release; when empty Sentry guesses it (e.g. from git).", TEXT),
@@ -375,6 +399,12 @@ class Settings:
     beat_lease_retry: float
     webhook_timeout: float
     webhook_secret_file: str
+    web_host: str
+    web_port: int
+    web_request_timeout: float
+    web_export_pause: float
+    result_backend: str
+    result_expires: int
     sentry_dsn: str
     sentry_environment: str
     sentry_release: str
@@ -426,6 +456,12 @@ def load() -> Settings:
         beat_lease_retry=v["KIT_BEAT_LEASE_RETRY"],
         webhook_timeout=v["KIT_WEBHOOK_TIMEOUT"],
         webhook_secret_file=v["KIT_WEBHOOK_SECRET_FILE"],
+        web_host=v["KIT_WEB_HOST"],
+        web_port=v["KIT_WEB_PORT"],
+        web_request_timeout=v["KIT_WEB_REQUEST_TIMEOUT"],
+        web_export_pause=v["KIT_WEB_EXPORT_PAUSE"],
+        result_backend=v["KIT_RESULT_BACKEND"],
+        result_expires=v["KIT_RESULT_EXPIRES"],
         sentry_dsn=v["SENTRY_DSN"],
         sentry_environment=v["SENTRY_ENVIRONMENT"],
         sentry_release=v["SENTRY_RELEASE"],

@@ -19,6 +19,7 @@ from service.settings import load
 from service.topology import declare_on
 from tests.helpers import REPO, Vhost, Worker, sweep_stale_vhosts
 from tests.helpers.cluster import ClusterVhost, TestCluster, start_test_cluster, stop_test_cluster
+from tests.helpers.redis import TestRedis
 
 #: Fixtures that need the broker: a test using any of them is marked ``broker``.
 BROKER_FIXTURES = frozenset({"vhost", "kit_env", "topology", "start_worker"})
@@ -111,6 +112,24 @@ def kit_env(vhost: Vhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     Retries are fast (backoff base 0.2 s) so retry paths finish in seconds.
     """
     return _test_environment(monkeypatch, tmp_path, KIT_BROKER_URL=vhost.url)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestRedis]:
+    """Debian's ``redis-server`` for the whole run: a free port, no persistence, killed when the run ends."""
+    server = TestRedis.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def result_backend(redis_server: TestRedis, kit_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty Redis database as the kit's result backend: ``KIT_RESULT_BACKEND`` for the test and its
+    subprocesses (``kit_env``); returns its URL."""
+    url = redis_server.url_for_test()
+    monkeypatch.setenv("KIT_RESULT_BACKEND", url)
+    kit_env["KIT_RESULT_BACKEND"] = url
+    return url
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ CLUSTER = REPO / "docker-compose.cluster.yml"
 CLUSTER_NODES = {"rabbitmq": "rabbitmq-1", "rabbitmq-2": "rabbitmq-2", "rabbitmq-3": "rabbitmq-3"}
 HARD_TIME_LIMIT_DEFAULT = float(next(s.default for s in SETTINGS if s.name == "KIT_HARD_TIME_LIMIT"))
 #: Services that run until stopped (everything but the one-shot broker-definitions).
-LONG_RUNNING = ("rabbitmq", "worker-urgent", "worker-default-bulk", "beat", "celery-exporter", "prometheus",
-                "alertmanager", "grafana", "flower", "demo")
+LONG_RUNNING = ("rabbitmq", "redis", "worker-urgent", "worker-default-bulk", "beat", "web", "celery-exporter",
+                "prometheus", "alertmanager", "grafana", "flower", "demo")
 #: Long-running services without a health check, and why.
 NO_HEALTHCHECK = {
     "beat": "no endpoint; its schedule file is written only when it sends a task",
@@ -428,6 +428,9 @@ def test_the_stack_runs_the_compose_commands(config: dict[str, Any], stack: loca
             theirs_norm = re.sub(r"(0\.0\.0\.0|localhost|127\.0\.0\.1)", "HOST", theirs)
             if ours_norm == theirs_norm:
                 continue
+            if theirs.startswith("/"):  # a container path on its own (redis-server --dir /data)
+                assert Path(ours).is_relative_to(stack.state_dir), (component.name, ours)
+                continue
             flag_name = theirs.split("=", 1)[0]
             assert ours.startswith(flag_name + "=/"), f"{component.name}: {theirs} became {ours}"
             assert Path(ours.split("=", 1)[1]).is_relative_to(stack.state_dir), (component.name, ours)
@@ -446,6 +449,8 @@ def test_the_stack_uses_the_compose_environment(config: dict[str, Any], stack: l
             ours = component.env[key]
             if key == "KIT_BROKER_URL":
                 assert ours == value.replace("@rabbitmq:", "@127.0.0.1:"), component.name
+            elif key == "KIT_RESULT_BACKEND":
+                assert ours == value.replace("//redis:", "//127.0.0.1:"), component.name
             elif value.startswith("/"):
                 assert Path(ours).is_relative_to(stack.state_dir), (component.name, key, ours)
             else:

@@ -45,7 +45,7 @@ from tests.observability import http_json
 #: `stack up` against the local broker.
 pytestmark = pytest.mark.broker
 
-JOBS = ("rabbitmq", "celery-exporter", "kit-workers")
+JOBS = ("rabbitmq", "celery-exporter", "kit-workers", "kit-web")
 
 
 def _free(port: int) -> bool:
@@ -137,8 +137,9 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
     first = pids(up.stdout)
     expected = [c.name for c in local.Stack(running.state_dir, local.Options(demo=True)).all_components()]
     assert sorted(first) == sorted(expected), up.stdout
-    for name in ("rabbitmq", "prometheus", "alertmanager", "flower"):
+    for name in ("rabbitmq", "prometheus", "alertmanager", "flower", "web"):
         assert re.search(rf"^{name}\s+http://127\.0\.0\.1:\d+$", up.stdout, re.M), f"no URL for {name}"
+    assert re.search(r"^redis\s+redis://127\.0\.0\.1:\d+$", up.stdout, re.M), "no URL for redis"
     assert f"http://127.0.0.1:{9090 + running.offset}" in up.stdout
     print(f"\nstack up --demo: {time.monotonic() - started:.1f}s")
 

@@ -4,7 +4,7 @@ What lives here: ``main`` (the top-level group, which checks the settings
 before a command runs), ``base`` (one-line errors, exit codes, JSON
 parameters, the broker connection) and one module per group: ``config``,
 ``topology``, ``publish``, ``worker`` (worker and beat), ``demo``, ``stack``,
-``broker`` and ``dlq``. Commands parse and print; the library acts. A new group
+``broker``, ``dlq``, ``task`` and ``web``. Commands parse and print; the library acts. A new group
 is a module here with one ``main.add_command`` line below.
 
 May import anything of the kit; nothing of the kit imports it (only
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from service.cli import broker, config, demo, dlq, publish, stack, topology, worker
+from service.cli import broker, config, demo, dlq, publish, stack, task, topology, web, worker
 from service.cli.base import friendly_errors
 from service.cli.config import markdown_table
 from service.settings import load
@@ -77,5 +77,7 @@ main.add_command(demo.demo)
 main.add_command(stack.stack)
 main.add_command(broker.broker)
 main.add_command(dlq.dlq)
+main.add_command(task.task)
+main.add_command(web.web)
 
 __all__ = ["main", "markdown_table", "needs_settings"]

@@ -9,6 +9,11 @@ hold the queue's lock (``reader.hold``) while they work.
 
 A replay puts an unroutable message back on the work queue its routing key
 names, if that is one; the others need ``to=``.
+
+With a result backend, a replay clears the cancel mark of each task before it
+republishes it (so a revoked task that an operator replays runs) and records
+its state as replayed after the broker confirmed it (``service.status.recorder``;
+best effort: a Redis outage never stops a replay).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from service.deadletters.reader import Walk, hold, release
 from service.errors import KitError
 from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings
+from service.status import recorder
 
 #: Headers a replay removes (headers.RESET_ON_REPLAY and the wait queue's routing header).
 _RESET_ON_REPLAY = (*h.RESET_ON_REPLAY, queues.WAIT_HEADER)
@@ -215,6 +221,8 @@ def replay(
             for target in {message.routing_key for message in outgoing} - present:
                 _require_work_queue(conn, target)
                 present.add(target)
+            tasks = [(d.id, d.task) for d in window]
+            recorder.record_replayed(settings, tasks, before_publish=True)  # a cancelled task replayed runs
             publisher.publish_many(outgoing, window=len(window))
         except KitError as exc:
             for letter in window:
@@ -226,6 +234,7 @@ def replay(
             walk.ack(letter)
             outcome.taken.append(letter)
             _report(progress, letter, "replayed")
+        recorder.record_replayed(settings, tasks, before_publish=False)  # its state: replayed
         window.clear()
         return True
 

@@ -4,7 +4,8 @@ A bind mount nested in another one gets an overlay directory of symlinks into
 the repository; the files under a ``rewrite-hosts`` path (Prometheus' target
 files) are copied with their hosts and ports mapped and the stack's vhost as
 their ``kit_vhost`` label; an ``alertmanager-config`` service gets its config
-rendered (service.monitoring.alertmanager_config). See ``service.stack.model``.
+rendered (service.monitoring.alertmanager_config); the directory of each named
+volume is created. See ``service.stack.model``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from service.stack.model import REPO, VHOST_TARGET_LABEL, Stack, StackError
 
 
 def prepare_files(stack: Stack) -> None:
-    """Overlays for nested mounts, host-mapped target files, rendered configs."""
+    """Overlays for nested mounts, host-mapped target files, rendered configs, named volumes' directories."""
     for name in stack.local_services:
+        for volume in mounts(stack.services[name]):
+            if not volume.bind:  # a program may need its data directory to exist (redis-server --dir)
+                stack.state_path(volume.target).mkdir(parents=True, exist_ok=True)
         service_mounts = [m for m in mounts(stack.services[name]) if m.bind]
         rewrite = set(stack.local_services[name].get("rewrite-hosts", []))
         table = dict(stack.mount_table(name))

@@ -82,6 +82,8 @@ AMQP_SCHEMES = ("pyamqp", "amqp", "amqps")
 COMPOSE_USER_PREFIX = "kit-"
 #: The compose service of the broker.
 BROKER_SERVICE = "rabbitmq"
+#: Redis' port: its URL is redis://, not http:// (``urls``).
+REDIS_PORT = 6379
 #: First ports of ``stack up --cluster N``'s nodes (node K: the port + K - 1, plus --port-offset).
 CLUSTER_AMQP_PORT = 5681
 CLUSTER_DIST_PORT = 25681
@@ -465,6 +467,8 @@ class Stack:
                 local = self.local_port(name, port)
                 if port in (5671, 5672):
                     found[f"{name} (AMQP)"] = f"amqp://{self.host}:{local}/{quote(self.vhost, safe='')}"
+                elif port == REDIS_PORT:
+                    found[name] = f"redis://{self.host}:{local}"
                 else:
                     found[name] = f"http://{self.host}:{local}"
         return found

@@ -10,7 +10,7 @@ from service.settings import load
 
 @app.task(name="maintenance.cleanup_reports", max_retries=2)
 def cleanup_reports(max_age_hours: float | None = None) -> int:
-    """Delete report exports older than ``max_age_hours`` (KIT_REPORT_MAX_AGE_HOURS).
+    """Delete report exports (*.csv, *.xlsx) older than ``max_age_hours`` (KIT_REPORT_MAX_AGE_HOURS).
 
     Returns the number of files deleted. Safe to run twice at once: a file
     already gone is skipped.
@@ -22,7 +22,8 @@ def cleanup_reports(max_age_hours: float | None = None) -> int:
     if not directory.is_dir():
         return 0
     deleted = 0
-    for path in directory.glob("*.csv"):
+    # CSV and XLSX exports; never the temporary files of one being written (*.tmp).
+    for path in [*directory.glob("*.csv"), *directory.glob("*.xlsx")]:
         try:
             if path.stat().st_mtime < cutoff:
                 path.unlink()

@@ -17,7 +17,7 @@ The rule that decided is logged and, on a dead letter, recorded in its
 ``kit-retry-rule`` header.
 
 A task whose ``expires`` passed before it ran is dead-lettered as ``expired``
-(Celery would ack it away as revoked). None of these handlers lets an
+(Celery would ack it away as revoked), a cancelled one as ``revoked``. None of these handlers lets an
 exception escape: a bug or a value it cannot use dead-letters the message as
 ``invalid-message`` (or rejects it), so no message stays unacked.
 """
@@ -41,6 +41,7 @@ from celery.worker.request import Request
 from service import headers as h
 from service.monitoring import metrics
 from service.retry_policy import Decision, decide
+from service.status import recorder
 from service.worker import routing
 from service.worker.task import KitRetry, arguments_do_not_fit, final_decision
 
@@ -108,6 +109,37 @@ class ReliableRequest(Request):
             metrics.observe_start(routing.source_queue(self._message), self.name, self._message.headers or {})
         except Exception:  # noqa: BLE001 - metrics must never break task handling
             logger.debug("could not record queue wait", exc_info=True)
+
+    def revoked(self) -> bool:
+        """Whether the task must not run; Celery asks before it runs one (and on receipt of an ETA one).
+
+        A task cancelled with ``task cancel`` (a cancel mark in the result
+        backend: ``service.status``, it outlives worker restarts) or by Celery's
+        own revoke (this worker's in-memory set) is dead-lettered with reason
+        ``revoked`` instead of being acked away, so it stays accounted for; its
+        recorded state becomes revoked. Expired tasks: ``maybe_expire``.
+        """
+        if self._already_revoked:
+            return True
+        if not self.acknowledged and (self.id in state.revoked or recorder.is_cancelled(self.id)):
+            self._dead_letter_revoked()
+            self._announce_revoked("revoked", False, None, False)
+            return True
+        return super().revoked()
+
+    @_never_wedges
+    def _dead_letter_revoked(self) -> None:
+        failure = {
+            "exception_type": "Revoked",
+            "exception_message": "cancelled (task cancel / revoke) before a worker ran it",
+            "traceback": "",
+            "attempts": h.count(self._request_dict.get("retries")) + 1,
+        }
+        logger.warning("%s[%s] was cancelled: dead-lettering it", self.name, self.id)
+        if routing.dead_letter(self._message, h.REASON_REVOKED, failure):
+            self.acknowledge()
+        else:
+            self.reject(requeue=False)
 
     def maybe_expire(self) -> bool:
         """A task whose ``expires`` has passed: dead-letter it as ``expired`` (Celery then reports it revoked).

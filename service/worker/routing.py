@@ -1,5 +1,10 @@
 """Move a delivered message to a wait queue (retry) or to its dead-letter queue.
 
+Each move is recorded in the result backend when there is one
+(``service.status.recorder``): retrying just before the retry is published,
+dead-lettered, expired or revoked once the dead letter was (or could not be);
+never failing a move or holding it up for more than a short timeout.
+
 Runs in the worker's main process, which holds the original message. The new
 message is published and confirmed BEFORE the caller acks the original, so a
 crash in between duplicates a message at worst and never loses one. Both
@@ -27,6 +32,7 @@ from service.errors import KitError
 from service.monitoring import metrics, sentry
 from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings, load
+from service.status import recorder
 from service.topology import declare_on
 
 logger = logging.getLogger(__name__)
@@ -130,6 +136,10 @@ def _dead_letter(message: Message, reason: str, failure: dict[str, Any], worker_
         sentry.capture_dead_letter(headers, published=sent)
     except Exception:  # noqa: BLE001 - reporting must not change what happens to the message
         logger.debug("could not report the dead letter to Sentry", exc_info=True)
+    try:
+        recorder.record_dead_lettered(headers, reason, failure, source, published=sent)
+    except Exception:  # noqa: BLE001 - a state is telemetry: the message's path goes on
+        logger.debug("could not record the dead letter's state", exc_info=True)
     return sent
 
 
@@ -167,6 +177,13 @@ def schedule_retry(message: Message, delay_s: float, failure: dict[str, Any], *,
         logger.exception("could not build the retry of a message")
         metrics.ROUTING_FAILURES.labels("retry").inc()
         return False
+    # Recorded before the publish: once published, the next run may start (and record
+    # running) before this process gets to it. If the publish fails, the dead letter
+    # that follows records its own state over this one.
+    try:
+        recorder.record_retrying(headers, delay_s, failure)
+    except Exception:  # noqa: BLE001 - a state is telemetry: the retry goes on
+        logger.debug("could not record the retry's state", exc_info=True)
     sent = _send(outgoing, f"schedule a retry of {headers.get('task')}[{headers.get('id')}]")
     if not sent:
         metrics.ROUTING_FAILURES.labels("retry").inc()

@@ -1,0 +1,79 @@
+"""What ``ConfirmedChannel`` needs from py-amqp's connection beyond its public methods.
+
+The socket under a connection, whether it has something to read, sending the
+frames of many messages at once, and keeping ``basic_publish`` from reading
+(only one thread, the drainer, reads). Pinned to py-amqp 5.4 (pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+from collections.abc import Iterator
+
+import amqp
+from kombu import Connection
+
+
+def socket_of(transport_conn: amqp.Connection | None) -> socket.socket | None:
+    """The socket under a py-amqp connection (None when there is none)."""
+    return getattr(getattr(transport_conn, "transport", None), "sock", None)
+
+
+def readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read within ``timeout`` seconds (a closed socket counts: reading says so)."""
+    pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted are invisible to poll
+    if pending is not None and pending():
+        return True
+    try:
+        poller = select.poll()  # not select(): a descriptor above 1024 is fine
+        poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    except (OSError, ValueError):
+        return True
+
+
+def no_reads_while_publishing(transport_conn: amqp.Connection) -> None:
+    """Keep py-amqp's basic_publish from reading the socket itself.
+
+    When the broker supports ``connection.blocked`` py-amqp drains incoming frames
+    inside every basic_publish; here only the drainer reads, so that a thread
+    waiting for the socket is never left waiting for confirms another already read.
+    The capability stays negotiated: blocked notifications still arrive, and are read.
+    """
+    properties = dict(transport_conn.client_properties)
+    properties["capabilities"] = {**(properties.get("capabilities") or {}), "connection.blocked": False}
+    transport_conn.client_properties = properties
+
+
+@contextlib.contextmanager
+def one_write(transport_conn: amqp.Connection | None) -> Iterator[None]:
+    """Collect the frames written inside the block and send them to the socket at once, at its end.
+
+    One send instead of one per message: on loopback each send costs about as
+    much as the broker's work on a small message. Uses py-amqp's per-write hook
+    (``transport._write``); frames are complete when collected, so what was
+    collected before an error is still sent.
+    """
+    transport = getattr(transport_conn, "transport", None)
+    real_write = getattr(transport, "_write", None)
+    if real_write is None:
+        yield
+        return
+    chunks: list[bytes] = []
+    transport._write = lambda data: chunks.append(bytes(data))  # a copy: py-amqp reuses its frame buffer
+    try:
+        yield
+    finally:
+        transport._write = real_write
+        if chunks:
+            real_write(b"".join(chunks))
+
+
+def close_quietly(conn: Connection) -> None:
+    """Let go of a connection without talking to the broker (it may be gone); never raises."""
+    try:
+        conn.collect()
+    except Exception:  # noqa: BLE001 - the socket may be gone already
+        pass

@@ -20,11 +20,16 @@ client and for Celery alike):
 Targets (issue 12): client_16_threads >= 3x celery_16_threads, async_256_concurrent
 >= 3x celery_16_threads, client_1_thread >= 0.9x raw_pyamqp_1_thread.
 
-Each round runs every method once, in an order rotated per round; the queue is
+Each round runs every method once: the concurrent ones, then the single-thread
+ones, each group in an order rotated per round; the queue is
 purged after every measurement and the purge count checks that every message
-arrived. Medians over rounds are compared.
+arrived, then the run rests ``--settle`` seconds: RabbitMQ deletes purged
+persistent messages in the background, which otherwise slows whichever method
+comes next. Medians over rounds are compared. The set-up's objects are frozen
+out of the garbage collector before round 1 (``gc.freeze()``; ``--no-freeze``
+leaves them in).
 
-    python bench/publish_concurrent.py [--messages 3000] [--single 1000] [--rounds 5] [--json]
+    python bench/publish_concurrent.py [--messages 3000] [--single 2000] [--rounds 7] [--no-freeze] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -190,6 +196,8 @@ def print_table(report: dict) -> None:
           f"body {cfg['body_bytes']} B, task-sent events on")
     print(f"RabbitMQ {env['rabbitmq']} | Python {env['python']} | celery {env['celery']} | kombu {env['kombu']} "
           f"| amqp {env['amqp']} | aio-pika {env['aio_pika']} | vhost {cfg['vhost']}")
+    print(f"rest after each measurement {cfg['settle']:g}s; set-up objects frozen out of the GC: "
+          f"{'no' if cfg['no_freeze'] else 'yes'}")
     print(f"{env['cpus']} CPUs, 1-min load average {env['loadavg_1m_before']} before the rounds, "
           f"{env['loadavg_1m_after']} after (the broker runs on this host too)")
     print()
@@ -206,10 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                     "raw py-amqp and the kit's clients.")
     parser.add_argument("--messages", type=int, default=3000,
                         help="messages per concurrent method per round (default 3000)")
-    parser.add_argument("--single", type=int, default=1000,
-                        help="messages per single-thread method per round (default 1000)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds; methods interleaved, order rotated (default 5)")
+    parser.add_argument("--single", type=int, default=2000,
+                        help="messages per single-thread method per round (default 2000)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds; methods interleaved, order rotated (default 7)")
     parser.add_argument("--warmup", type=int, default=200, help="messages per method sent before timing (default 200)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds of rest after each measurement, while the broker deletes what was purged, "
+                             "so it does not slow the next method (default 1)")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave the set-up's objects to the garbage collector (see gc.freeze in the source)")
     parser.add_argument("--only", default="",
                         help=f"comma-separated methods to run (default all: {', '.join(DESCRIPTIONS)})")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -264,12 +277,22 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - reported like a failed round
                 method.failures.append(f"warm-up: {type(exc).__name__}: {exc}")
         purge()
+        if not opts.no_freeze:
+            # The set-up's objects (three clients' libraries in one process) leave the collector's
+            # walk, as a preloaded web app does with gc.freeze(): else a full collection of that heap
+            # lands on whichever method allocates most in that moment.
+            gc.collect()
+            gc.freeze()
         load_before = os.getloadavg()
 
         rounds: list[dict[str, float | None]] = []
         for r in range(opts.rounds):
             this_round: dict[str, float | None] = {}
-            for method in rotated(methods, r):
+            concurrent = [m for m in methods if not m.single]
+            alone = [m for m in methods if m.single]
+            # The two groups apart, each rotated: a single-thread method always follows a rest and,
+            # every other round, its counterpart, never a burst of 3,000 messages.
+            for method in rotated(concurrent, r) + rotated(alone, r):
                 count = opts.single if method.single else opts.messages
                 start = time.perf_counter()
                 try:
@@ -281,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 rate = count / (time.perf_counter() - start)
                 arrived = purge()
+                time.sleep(opts.settle)  # the broker deletes the purged messages in the background
                 if arrived != count:
                     method.anomalies.append(f"round {r + 1}: {arrived} messages in {QUEUE!r} for {count} sent")
                 method.rates.append(rate)
@@ -299,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "config": {"messages": opts.messages, "single": opts.single, "rounds": opts.rounds,
                        "warmup": opts.warmup, "queue": QUEUE, "body_bytes": len(outgoing.body),
-                       "vhost": vhost.name, "threads": THREADS, "concurrency": CONCURRENCY},
+                       "vhost": vhost.name, "threads": THREADS, "concurrency": CONCURRENCY,
+                       "settle": opts.settle, "no_freeze": opts.no_freeze},
             "env": environment(load_before, celery=celery.__version__, kombu=kombu.__version__,
                                amqp=amqp.__version__, aio_pika=aio_pika.__version__),
             "rounds": rounds,

@@ -56,7 +56,8 @@ class Publisher:
         self._settings = settings or load()
         self._profile = queues.topology(self._settings.queue_type)
         sentry.init("client", self._settings)  # once per process; never over the host app's own init
-        self._channel = ConfirmedChannel(self._settings)
+        self._channel = ConfirmedChannel(
+            self._settings, event_exchange=EVENT_EXCHANGE if self._settings.send_sent_events else None)
         self._events = (EventBatcher(self._channel, EVENT_EXCHANGE, EVENT_ROUTING_KEY, {"hostname": HOSTNAME})
                         if self._settings.send_sent_events else None)
         self._marks = QueuedMarker(self._settings)

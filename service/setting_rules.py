@@ -54,6 +54,12 @@ RESULT_BACKEND_SCHEMES = (
     "couchbase", "couchdb", "cosmosdbsql", "riak", "file", "consul", "dynamodb", "azureblockblob", "arangodb",
     "s3", "gs",
 )
+#: Result backends that answer only the process that stored the result (``rpc://`` replies to the publisher's
+#: own queue, ``cache+memory://`` is one process's memory): ``task status`` asks from another process.
+_PRIVATE_RESULT_BACKENDS = {
+    "rpc": "is the rpc:// backend, which sends each result to the publishing process only",
+    "cache+memory": "is an in-memory cache, which only its own process can read",
+}
 #: What ``ssl_cert_reqs`` of a ``rediss://`` URL may be (Celery refuses the URL without it).
 _REDIS_CERT_REQS = ("required", "optional", "none", "cert_required", "cert_optional", "cert_none")
 _TRUE = ("1", "true", "yes", "on")
@@ -313,6 +319,9 @@ def _parse_result_backend(setting: Setting, raw: str) -> str:
     scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
     if scheme.split("+", 1)[0] not in RESULT_BACKEND_SCHEMES:
         raise _Rejected("is not a result backend URL Celery knows")
+    if scheme in _PRIVATE_RESULT_BACKENDS:
+        raise _Rejected(f"{_PRIVATE_RESULT_BACKENDS[scheme]}, while `task status` and the web service read "
+                        "from other processes")
     if scheme not in ("redis", "rediss"):
         return raw
     parts = _url_parts(raw)

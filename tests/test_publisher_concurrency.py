@@ -209,3 +209,28 @@ def test_task_sent_events_are_batched_into_few_messages(vhost, topology):
     events = [event for body in bodies for event in (body if isinstance(body, list) else [body])]
     assert sorted(e["uuid"] for e in events) == sorted(ids) and {e["type"] for e in events} == {"task-sent"}
     assert len(messages) <= 10, f"{len(messages)} event messages for 250 tasks: not batched"
+
+
+def test_a_message_that_cannot_be_encoded_fails_only_its_caller(vhost, topology, kit_env):
+    channel = ConfirmedChannel(load(), deadline_s=3)
+    bad = Outgoing("tasks", "default", b"[]", {"id": "bad"}, {"priority": 300, "delivery_mode": 2})  # not an octet
+    outcomes: dict[str, str] = {}
+
+    def work(index: int) -> None:
+        try:
+            for n in range(10):
+                channel.publish(bad if index == 0 else _message("tasks", "default", f"m{index}-{n}"))
+            outcomes[f"m{index}"] = "ok"
+        except PublishError as exc:
+            outcomes[f"m{index}"] = str(exc)
+
+    try:
+        assert not _in_threads(4, work)
+        channel.publish(_message("tasks", "default", "after"))  # the channel's tags still match the broker's
+    finally:
+        channel.close()
+    assert "cannot be sent as AMQP" in outcomes.pop("m0")
+    assert set(outcomes.values()) == {"ok"}
+    queued = [m.headers["id"] for m in vhost.drain("default")]
+    assert sorted(queued) == sorted([f"m{i}-{n}" for i in (1, 2, 3) for n in range(10)] + ["after"])
+

@@ -836,6 +836,44 @@ def test_tls_with_the_test_ca_publishes(tls_env, monkeypatch):
         conn.close()
 
 
+def test_threads_sharing_a_publisher_over_tls_all_get_their_confirms(tls_env, monkeypatch):
+    """On TLS the reader and the writers never touch the SSL connection at once (OpenSSL forbids it)."""
+    import threading
+
+    from service.client import Publisher
+
+    monkeypatch.setenv("KIT_BROKER_URL", tls_env.url("publisher"))
+    monkeypatch.setenv("KIT_BROKER_CA_FILE", str(tls_env.ca))
+    ids: list[str] = []
+    errors: list[BaseException] = []
+    with Publisher() as publisher:
+        def work(index: int) -> None:
+            try:
+                ids.extend(publisher.publish("test.record", ["tls", index, n]) for n in range(40))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert not errors and len(set(ids)) == 8 * 40
+    options = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "localhost", "ca_certs": str(tls_env.ca),
+               "certfile": str(tls_env.client_cert), "keyfile": str(tls_env.client_key)}
+    conn = amqp.Connection(f"localhost:{tls_env.port}", userid="kit-admin", password=tls_env.passwords["admin"],
+                           virtual_host="kit", ssl=options)
+    conn.connect()
+    try:
+        channel = conn.channel()
+        queued = set()
+        while (message := channel.basic_get("default", no_ack=True)) is not None:
+            queued.add(message.headers["id"])
+    finally:
+        conn.close()
+    assert set(ids) <= queued
+
+
 def test_tls_without_the_ca_fails_certificate_verification(tls_env, monkeypatch):
     for ca in (None, tls_env.other_ca):  # the system's CAs, or a CA that did not sign the broker's certificate
         with pytest.raises(BrokerUnavailable, match="certificate verif") as info:

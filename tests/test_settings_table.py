@@ -128,9 +128,9 @@ CASES: dict[str, Case] = {
     "KIT_RESULT_BACKEND": Case(
         "empty, or a Celery result backend URL such as redis://host:6379/0 (rediss:// with ?ssl_cert_reqs=required)",
         ("nonsense", "foo://x", "redis:///0", "redis://h/zero", "redis://h:99999/0", "rediss://h:6380/0",
-         "rediss://h/0?ssl_cert_reqs=maybe"),
+         "rediss://h/0?ssl_cert_reqs=maybe", "rpc://", "cache+memory://"),
         ("", "redis://127.0.0.1:6379/0", "redis://:secret@redis:6379", "rediss://h:6380/1?ssl_cert_reqs=required",
-         "db+sqlite:///results.db", "rpc://"),
+         "db+sqlite:///results.db", "cache+memcached://127.0.0.1:11211/"),
     ),
     "KIT_RESULT_EXPIRES": number("an integer from 1 to 31536000", ("31536001", "1.5"), ("1", "86400", "31536000")),
     "SENTRY_DSN": Case(

@@ -83,7 +83,7 @@ async def connect(settings: Settings, context: ssl.SSLContext | None, end: float
 
 
 def _node_url(node: str) -> Any:
-    """aio-pika's URL for one kombu-style node URL (``pyamqp://u:p@host:port/vhost``, kombu's defaults)."""
+    """aio-pika's URL for one kombu-style node URL (``pyamqp://user:password@host:port/vhost``, kombu's defaults)."""
     p = parse_url(node)
     tls = p["transport"] == "amqps"
     return make_url(host=p["hostname"] or "localhost", port=p["port"] or (5671 if tls else 5672),

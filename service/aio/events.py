@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,10 +12,12 @@ import aiormq
 
 from service.aio.wire import Properties
 from service.publishing import Outgoing
-from service.task_message import EVENT_EXCHANGE, sent_event
+from service.task_message import EVENT_EXCHANGE, sent_event, sent_event_fields
 
 __all__ = ["SentEvents"]
 
+#: Events per message at most (the sync client's batches are as big: service.publishing.events).
+EVENTS_PER_MESSAGE = 100
 #: Events waiting beyond this are dropped: telemetry must not grow without bound.
 MAX_PENDING = 10_000
 #: Seconds without events after the event channel failed (e.g. no event exchange yet).
@@ -69,11 +72,15 @@ class SentEvents:
             try:
                 async with asyncio.timeout(self._timeout):
                     underlay = await self._open()
-                    for task_id, message in batch if underlay is not None else ():
-                        event = sent_event(task_id, message)
+                    for start in range(0, len(batch) if underlay is not None else 0, EVENTS_PER_MESSAGE):
+                        # A JSON list of events per message, as Celery's own buffered events: one broker
+                        # message for up to EVENTS_PER_MESSAGE tasks (Flower and the exporter read both).
+                        chunk = batch[start:start + EVENTS_PER_MESSAGE]
+                        template = sent_event(*chunk[0])
+                        body = json.dumps([sent_event_fields(task_id, message) for task_id, message in chunk])
                         await underlay.basic_publish(
-                            event.body, exchange=event.exchange, routing_key=event.routing_key,
-                            properties=Properties(headers=event.headers, **event.properties))
+                            body.encode(), exchange=template.exchange, routing_key=template.routing_key,
+                            properties=Properties(headers=template.headers, **template.properties))
             except aiormq.exceptions.ChannelPreconditionFailed:
                 self._broken = True  # an incompatible event exchange: stop trying
             except Exception:  # noqa: BLE001 - telemetry must never fail a publish

@@ -7,7 +7,29 @@ import os
 import click
 
 from service.cli.base import friendly_errors
-from service.settings import SETTINGS, load, redact_dsn, redact_url
+from service.settings import (
+    BROKER_URL,
+    HTTP_URL,
+    RESULT_BACKEND_URL,
+    SENTRY_DSN,
+    SETTINGS,
+    Setting,
+    load,
+    redact_dsn,
+    redact_url,
+)
+
+#: The kinds of setting that are URLs, which may carry a password.
+URL_KINDS = (BROKER_URL, RESULT_BACKEND_URL, HTTP_URL)
+
+
+def shown(setting: Setting, value: str) -> str:
+    """``value`` of ``setting`` as ``config`` prints it: the password of a URL, the key of a DSN hidden."""
+    if setting.kind in URL_KINDS:
+        return redact_url(value)
+    if setting.kind == SENTRY_DSN:
+        return redact_dsn(value)
+    return value
 
 
 def markdown_table() -> str:
@@ -31,7 +53,4 @@ def config(markdown: bool) -> None:
     load()  # validates every value
     for s in SETTINGS:
         value = os.environ.get(s.name, s.default)
-        shown = redact_url(value) if s.name == "KIT_BROKER_URL" else value
-        if s.name == "SENTRY_DSN":
-            shown = redact_dsn(value)
-        click.echo(f"{s.name}={shown}{'' if s.name in os.environ else '   (default)'}")
+        click.echo(f"{s.name}={shown(s, value)}{'' if s.name in os.environ else '   (default)'}")

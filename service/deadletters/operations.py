@@ -223,6 +223,7 @@ def replay(
                 present.add(target)
             tasks = [(d.id, d.task) for d in window]
             recorder.record_replayed(settings, tasks, before_publish=True)  # a cancelled task replayed runs
+            started_at = recorder.replay_started()  # a state stamped after it is a worker's: kept
             publisher.publish_many(outgoing, window=len(window))
         except KitError as exc:
             for letter in window:
@@ -234,7 +235,7 @@ def replay(
             walk.ack(letter)
             outcome.taken.append(letter)
             _report(progress, letter, "replayed")
-        recorder.record_replayed(settings, tasks, before_publish=False)  # its state: replayed
+        recorder.record_replayed(settings, tasks, before_publish=False, started_at=started_at)  # its state: replayed
         window.clear()
         return True
 

@@ -42,17 +42,47 @@ def _key_of(message: Outgoing) -> _ReturnKey:
 
 
 class Waiter:
-    """A caller waiting for its messages: how many are unsettled, and the event that wakes it.
+    """A caller waiting for its messages: how many are unsettled, and a wake-up call.
 
-    The event is set when the last of them is settled, or when the caller's
-    turn to read the broker's answers has come (``unsettled`` still above 0).
+    ``wake`` is called (the book's lock held) when the last of them is settled,
+    or when the caller's turn to read the broker's answers has come
+    (``unsettled`` still above 0). A bare lock, not an Event: one release wakes
+    exactly this caller, which is all a confirm needs.
     """
 
-    __slots__ = ("event", "unsettled")
+    __slots__ = ("_lock", "_signalled", "unsettled")
 
     def __init__(self) -> None:
         self.unsettled = 0
-        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held: ``sleep`` blocks until ``wake`` releases it
+        self._signalled = False
+
+    @property
+    def signalled(self) -> bool:
+        """Whether a wake-up was given and not yet taken back by ``rearm``."""
+        return self._signalled
+
+    def wake(self) -> None:
+        """Wake the caller (once until it rearms). Call with the book's lock held."""
+        if not self._signalled:
+            self._signalled = True
+            self._lock.release()
+
+    def rearm(self, woke: bool) -> None:
+        """Take back a wake-up before looking at the state again. Call with the book's lock held.
+
+        ``woke`` is what the last ``sleep`` returned: a wake-up that came after a
+        sleep timed out is still pending on the lock and is taken here.
+        """
+        if self._signalled:
+            if not woke:
+                self._lock.acquire(blocking=False)
+            self._signalled = False
+
+    def sleep(self, timeout: float) -> bool:
+        """Sleep until woken or ``timeout`` seconds passed; True when woken."""
+        return self._lock.acquire(timeout=timeout)
 
 
 @dataclass(eq=False)
@@ -70,11 +100,12 @@ class Pending:
     detail: str = ""
     error: BaseException | None = None
 
-    def _settled(self, outcome: str, detail: str = "", error: BaseException | None = None) -> None:
+    def settle(self, outcome: str, detail: str = "", error: BaseException | None = None) -> None:
+        """Record the outcome and tell the waiter (once all its messages are settled it is woken)."""
         self.outcome, self.detail, self.error = outcome, detail, error
         self.waiter.unsettled -= 1
         if self.waiter.unsettled == 0:
-            self.waiter.event.set()
+            self.waiter.wake()
 
 
 class Inflight:
@@ -89,12 +120,20 @@ class Inflight:
         return len(self._by_tag)
 
     def add(self, message: Outgoing, waiter: Waiter) -> Pending:
-        """Register ``message`` as the channel's next publish, before it is written; ``waiter`` waits for it."""
+        """Register ``message`` as the channel's next publish, before it is written.
+
+        ``waiter`` waits for it and already counts it in ``unsettled`` (from when it was queued).
+        """
         entry = Pending(message, self._next_tag, waiter)
-        waiter.unsettled += 1
         self._by_tag[entry.tag] = entry
         self._next_tag += 1
         return entry
+
+    def withdraw(self, entry: Pending) -> None:
+        """Take back the last registered entry, whose message was never written: its tag is the next one's."""
+        if self._by_tag and next(reversed(self._by_tag)) == entry.tag:
+            del self._by_tag[entry.tag]
+            self._next_tag = entry.tag
 
     def returned(self, key: _ReturnKey, why: str) -> None:
         """The broker returned a message (its ack follows)."""
@@ -114,10 +153,10 @@ class Inflight:
         for t in tags:
             entry = self._by_tag.pop(t)
             if nacked:
-                entry._settled(NACKED, "the broker refused it (nack): not queued")
+                entry.settle(NACKED, "the broker refused it (nack): not queued")
             else:
                 why = self._take_return(_key_of(entry.message))
-                entry._settled(*((RETURNED, why) if why is not None else (ACKED,)))
+                entry.settle(*((RETURNED, why) if why is not None else (ACKED,)))
             settled.append(entry)
         return settled
 
@@ -125,7 +164,7 @@ class Inflight:
         """The channel is gone: every unsettled entry is lost (its fate unknown); start again at tag 1."""
         lost = list(self._by_tag.values())
         for entry in lost:
-            entry._settled(LOST, detail, error)
+            entry.settle(LOST, detail, error)
         self._by_tag.clear()
         self._returns.clear()
         self._next_tag = 1

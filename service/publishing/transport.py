@@ -11,14 +11,21 @@ import contextlib
 import select
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import amqp
 from kombu import Connection
 
+#: Bytes ``one_write`` collects before it sends them anyway (a window of big messages is not one huge send).
+ONE_WRITE_MAX_BYTES = 1 << 20
+
 
 def socket_of(transport_conn: amqp.Connection | None) -> socket.socket | None:
-    """The socket under a py-amqp connection (None when there is none)."""
-    return getattr(getattr(transport_conn, "transport", None), "sock", None)
+    """The socket under a py-amqp connection (None when there is none).
+
+    Read through ``_transport``: py-amqp's ``transport`` property connects again when there is none.
+    """
+    return getattr(getattr(transport_conn, "_transport", None), "sock", None)
 
 
 def readable(sock: socket.socket, timeout: float) -> bool:
@@ -56,19 +63,48 @@ def one_write(transport_conn: amqp.Connection | None) -> Iterator[None]:
     (``transport._write``); frames are complete when collected, so what was
     collected before an error is still sent.
     """
-    transport = getattr(transport_conn, "transport", None)
+    transport = getattr(transport_conn, "_transport", None)
     real_write = getattr(transport, "_write", None)
     if real_write is None:
         yield
         return
+    own = "_write" in vars(transport)  # TCP: the socket's sendall, set on the instance; TLS: the class's method
     chunks: list[bytes] = []
-    transport._write = lambda data: chunks.append(bytes(data))  # a copy: py-amqp reuses its frame buffer
+    size = [0]
+
+    def collect(data: Any) -> None:
+        chunks.append(bytes(data))  # a copy: py-amqp reuses its frame buffer
+        size[0] += len(chunks[-1])
+        if size[0] >= ONE_WRITE_MAX_BYTES:  # big messages: send as they come, not all at the end
+            flush()
+
+    def flush() -> None:
+        data = b"".join(chunks)
+        chunks.clear()
+        size[0] = 0
+        real_write(data)
+
+    transport._write = collect
     try:
         yield
     finally:
-        transport._write = real_write
+        if own:
+            transport._write = real_write
+        else:
+            del transport._write
         if chunks:
-            real_write(b"".join(chunks))
+            flush()
+
+
+def no_revive(channel: amqp.Channel) -> None:
+    """When the broker closes ``channel``, let it stay closed (py-amqp would reopen it and wait for that).
+
+    py-amqp answers a Channel.Close, then reopens the channel (without confirm
+    mode) and waits for the broker inside the reader before it raises. Here the
+    reader raises at once, and the channel is marked closed so its owner can
+    tell which channel the error was about.
+    """
+    channel._do_revive = lambda: setattr(channel, "is_open", False)
 
 
 def close_quietly(conn: Connection) -> None:

@@ -1,4 +1,4 @@
-"""``status`` without a result backend: what the broker's queues show about a task.
+"""``status`` without a result backend (or without a record there): what the broker's queues show about a task.
 
 The dead-letter queues (and ``unroutable.dead``) and the wait queues, where
 retries wait, are read with unacked ``basic.get``s: nothing is taken, every
@@ -30,12 +30,17 @@ from service.status.model import TaskStatus
 SCAN_LIMIT = 5000
 
 _NO_BACKEND = "no result backend (KIT_RESULT_BACKEND is empty)"
+#: ``why`` of a look-up made because the result backend had no record of the task.
+NOT_IN_BACKEND = "no record in the result backend"
 _STATE_BY_REASON = {h.REASON_EXPIRED: "expired", h.REASON_REVOKED: "revoked"}
 
 
-def look_up(task_id: str, settings: Settings) -> TaskStatus:
+def look_up(task_id: str, settings: Settings, why: str = _NO_BACKEND) -> TaskStatus:
     """The task's state as the dead-letter and wait queues show it (source ``broker``); raises
-    BrokerUnavailable when the broker cannot be reached within KIT_CONNECT_TIMEOUT."""
+    BrokerUnavailable when the broker cannot be reached within KIT_CONNECT_TIMEOUT.
+
+    ``why`` the broker is asked starts each note: no backend (the default), or NOT_IN_BACKEND.
+    """
     profile = queues.topology(settings.queue_type)
     conn = connect(settings)
     longer: list[str] = []
@@ -43,14 +48,17 @@ def look_up(task_id: str, settings: Settings) -> TaskStatus:
         for queue in profile.dead_letter_queues:
             found = _find(conn, queue.name, task_id, longer)
             if found is not None:
-                return _from_dead_letter(task_id, queue.name, found, settings)
+                return _from_dead_letter(task_id, queue.name, found, settings, why)
         for queue in profile.wait_queues:
             found = _find(conn, queue.name, task_id, longer)
             if found is not None:
-                return _from_waiting(task_id, found)
+                return _from_waiting(task_id, found, why)
     finally:
         conn.release()
     truncated = (f"; only the first {SCAN_LIMIT} messages of {', '.join(longer)} were searched" if longer else "")
+    if why != _NO_BACKEND:
+        return TaskStatus(task_id=task_id, state="unknown", source="broker",
+                          note=f"no dead letter or waiting retry has this id either{truncated}")
     return TaskStatus(
         task_id=task_id, state="unknown", source="broker",
         note=(f"{_NO_BACKEND}: no dead letter or waiting retry has this id{truncated}. It may be queued, running, "
@@ -109,7 +117,8 @@ def _reason(queue: str, headers: dict[str, Any]) -> str:
     return "unknown"
 
 
-def _from_dead_letter(task_id: str, queue: str, message: amqp.Message, settings: Settings) -> TaskStatus:
+def _from_dead_letter(task_id: str, queue: str, message: amqp.Message, settings: Settings,
+                      why: str) -> TaskStatus:
     headers = _headers(message)
     reason = _reason(queue, headers)
     died: datetime | None = None
@@ -132,11 +141,11 @@ def _from_dead_letter(task_id: str, queue: str, message: amqp.Message, settings:
         attempt=h.count(headers.get(h.ATTEMPTS)) or h.count(headers.get("retries")) + 1,
         updated_at=died if died is None or died.tzinfo else died.replace(tzinfo=UTC),
         source="broker",
-        note=f"{_NO_BACKEND}: found in the dead-letter queue {queue}",
+        note=f"{why}: found in the dead-letter queue {queue}",
     )
 
 
-def _from_waiting(task_id: str, message: amqp.Message) -> TaskStatus:
+def _from_waiting(task_id: str, message: amqp.Message, why: str) -> TaskStatus:
     headers = _headers(message)
     due = headers.get(h.ENQUEUED_AT)
     due_at = (datetime.fromtimestamp(float(due), UTC)
@@ -150,6 +159,6 @@ def _from_waiting(task_id: str, message: amqp.Message) -> TaskStatus:
         attempt=retries or None,
         due_at=due_at,
         source="broker",
-        note=(f"{_NO_BACKEND}: waiting in a wait queue for its next run" if retries
-              else f"{_NO_BACKEND}: waiting in a wait queue until its countdown or ETA is due"),
+        note=(f"{why}: waiting in a wait queue for its next run" if retries
+              else f"{why}: waiting in a wait queue until its countdown or ETA is due"),
     )

@@ -3,18 +3,22 @@
 With a Redis KIT_RESULT_BACKEND the answer is the task's result key
 (``service.status.store``), read with one round trip and a deadline of
 KIT_CONNECT_TIMEOUT (at most 10 s). With another Celery backend it is what
-Celery stored there. Without one, the dead-letter and wait queues are searched
-(``service.status.broker``), and ``note`` says what that cannot tell.
+Celery stored there, read in a thread with the same deadline (whatever that
+backend's client does). Without one, the dead-letter and wait queues are searched
+(``service.status.broker``), and ``note`` says what that cannot tell. When the
+backend has no record of the task (its record expired, or it was never
+recorded), the queues are searched too: an old dead letter is still found.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from service.errors import ResultBackendUnavailable
+from service.errors import KitError, ResultBackendUnavailable
 from service.settings import Settings, load, redact_url
 from service.status import broker
 from service.status.model import TaskStatus, check_task_id
@@ -62,9 +66,20 @@ def status(task_id: str, settings: Settings | None = None) -> TaskStatus:
         return broker.look_up(task_id, settings)
     store = store_for(settings)
     if store is None:
-        return from_meta(task_id, _celery_meta(task_id, settings), marked=False)
-    meta, marked = store.read(task_id)
-    return from_meta(task_id, meta, marked)
+        found = from_meta(task_id, _celery_meta(task_id, settings), marked=False)
+    else:
+        found = from_meta(task_id, *store.read(task_id))
+    return _ask_the_broker(found, settings) if found.state == "unknown" else found
+
+
+def _ask_the_broker(unknown: TaskStatus, settings: Settings) -> TaskStatus:
+    """The backend has no record of the task: what the dead-letter and wait queues show, else ``unknown``
+    with a note saying what was searched (a broker that cannot be reached is said, not raised)."""
+    try:
+        seen = broker.look_up(unknown.task_id, settings, why=broker.NOT_IN_BACKEND)
+    except KitError as exc:
+        return replace(unknown, note=f"{unknown.note}; the broker's queues could not be searched either ({exc})")
+    return seen if seen.state != "unknown" else replace(unknown, note=f"{unknown.note}; {seen.note}")
 
 
 async def astatus(task_id: str, settings: Settings | None = None) -> TaskStatus:
@@ -73,23 +88,47 @@ async def astatus(task_id: str, settings: Settings | None = None) -> TaskStatus:
 
 
 def _celery_meta(task_id: str, settings: Settings) -> dict[str, Any] | None:
-    """What a non-Redis Celery backend stored for ``task_id`` (None for nothing)."""
-    from celery import Celery
+    """What a non-Redis Celery backend stored for ``task_id`` (None for nothing).
 
+    Read in a daemon thread, waited for KIT_CONNECT_TIMEOUT (at most 10 s): a
+    backend whose client has no deadline of its own never hangs the caller.
+    """
     url = settings.result_backend
-    try:
-        with _lock:
-            if url not in _celery_apps:
-                _celery_apps[url] = Celery("kit-status", set_as_current=False, backend=url,
-                                           config_source={"result_serializer": "json",
-                                                          "result_accept_content": ["json"]})
-            app = _celery_apps[url]
-        meta = app.backend.get_task_meta(task_id)
-    except Exception as exc:  # noqa: BLE001 - any backend's own errors: one line
+    deadline = min(settings.connect_timeout, 10.0)
+    answer: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            answer["meta"] = _celery_backend(url).get_task_meta(task_id)
+        except Exception as exc:  # noqa: BLE001 - any backend's own errors: one line, below
+            answer["error"] = exc
+
+    reader = threading.Thread(target=read, name="kit-status-backend", daemon=True)
+    reader.start()
+    reader.join(deadline)
+    if reader.is_alive():
+        raise ResultBackendUnavailable(f"the result backend {redact_url(url)} did not answer within {deadline:g}s; "
+                                       "is it running? (KIT_RESULT_BACKEND)")
+    if "error" in answer:
+        exc = answer["error"]
         raise ResultBackendUnavailable(
             f"the result backend {redact_url(url)} could not be read ({type(exc).__name__}: {exc}); "
-            "check KIT_RESULT_BACKEND") from None
+            "check KIT_RESULT_BACKEND")
+    meta = answer["meta"]
     return None if meta.get("status") == "PENDING" else meta
+
+
+def _celery_backend(url: str) -> Any:
+    """Celery's backend of ``url`` (one app per URL in this process; Celery makes a backend per thread)."""
+    from celery import Celery
+
+    with _lock:
+        if url not in _celery_apps:
+            _celery_apps[url] = Celery("kit-status", set_as_current=False, backend=url,
+                                       config_source={"result_serializer": "json",
+                                                      "result_accept_content": ["json"]})
+        app = _celery_apps[url]
+    return app.backend  # outside the lock: making it may connect, and hang
 
 
 def _moment(value: Any) -> datetime | None:

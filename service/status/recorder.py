@@ -11,6 +11,7 @@ KIT_RESULT_BACKEND every call is a no-op.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -27,7 +28,14 @@ from service.status.store import (
     EXPIRED,
     RETRYING,
     StateStore,
+    now_iso,
 )
+
+logger = logging.getLogger(__name__)
+
+#: The reason of a dead letter RabbitMQ made from a rejected message (x-death says ``rejected``), as
+#: ``dlq list`` and ``status`` without a backend name it.
+BROKER_REJECTED = "broker-rejected"
 
 #: The stored status of a dead letter, by reason (any other reason: DEAD-LETTERED).
 _STATUS_BY_REASON = {h.REASON_EXPIRED: EXPIRED, h.REASON_REVOKED: CANCELLED}
@@ -97,41 +105,59 @@ def record_dead_lettered(headers: dict[str, Any], reason: str, failure: dict[str
 
     EXPIRED for reason ``expired``, CANCELLED for ``revoked``, else DEAD-LETTERED;
     with the reason, the DLQ, the error and whether ``dlq replay`` takes it without --force.
+    Not published, the reason is ``broker-rejected``, as the broker's dead letter (x-death only) and
+    ``dlq list`` show it; ``note`` names the kit's. Once published as ``revoked``, the cancel mark is
+    shortened to KIT_RESULT_EXPIRES (``StateStore.end_mark``).
     """
     task_id, name = _task(headers)
     store = worker_store()
     if store is None or not task_id:
         return
     details = {
-        "reason": reason,
+        "reason": reason if published else BROKER_REJECTED,
         "dead_letter_queue": queues.dead_letter_queue_name(source_queue),
         "replayable": h.count(headers.get(h.REPLAYS)) < _max_replays,
         "attempt": h.count(failure.get("attempts")) or 1,
         "error": _error(failure),
     }
     if not published:
-        details["note"] = ("the dead letter could not be published: the worker rejected the message, so "
-                           "RabbitMQ dead-lettered it without the kit's headers (reason broker-rejected)")
+        details["note"] = (f"dead-lettered as {reason}, but the dead letter could not be published: the worker "
+                           "rejected the message, so RabbitMQ dead-lettered it without the kit's headers "
+                           f"(reason {BROKER_REJECTED})")
     store.record(task_id, _STATUS_BY_REASON.get(reason, DEAD_LETTERED), details, name=name, worker=_worker_name)
+    if published and reason == h.REASON_REVOKED:
+        store.end_mark(task_id)
 
 
 def is_cancelled(task_id: str) -> bool:
-    """Whether ``task_id`` carries a cancel mark. False without a backend, and when Redis cannot tell
-    (a task then runs: a cancel is not enforced while Redis is down; the store logs it)."""
+    """Whether ``task_id`` carries a cancel mark. False without a backend, and when Redis cannot tell within
+    store.MARK_CHECK_TIMEOUT_S: the task then runs (a cancel is not enforced while Redis is down: holding
+    every task for an outage of the telemetry store would stop the service), with a warning naming it.
+    Redis is asked again for every task."""
     store = worker_store()
     if store is None or not task_id:
         return False
-    return bool(store.has_mark(task_id))
+    marked = store.has_mark(task_id)
+    if marked is None:
+        logger.warning("task %s runs without its cancel check: the result backend did not answer", task_id)
+    return bool(marked)
 
 
-def record_replayed(settings: Settings, letters: list[tuple[str, str]], *, before_publish: bool) -> None:
+def record_replayed(settings: Settings, letters: list[tuple[str, str]], *, before_publish: bool,
+                    started_at: str = "") -> None:
     """``dlq replay``'s hook. Before the publish: clear the cancel marks of ``letters`` (task id, name), so
     a cancelled task that an operator replays runs. After it: REPLAYED, unless a worker already wrote a later
-    state. Best effort, like every call here."""
+    state (one stamped at or after ``started_at``, the replay's ``replay_started()`` taken before the
+    publish). Best effort, like every call here."""
     store = _operator_store(settings)
     if store is None or not letters:
         return
     if before_publish:
         store.clear_marks(task_id for task_id, _ in letters)
     else:
-        store.record_replayed(letters)
+        store.record_replayed(letters, started_at)
+
+
+def replay_started() -> str:
+    """The moment a replay starts publishing, for ``record_replayed(started_at=...)``."""
+    return now_iso()

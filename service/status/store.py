@@ -9,14 +9,21 @@ the last write wins and the order of writes is the order of events: the pool
 writes before the worker's main process hears how the run ended, and the
 main process writes the kit's state after that. Celery's FAILURE, RETRY and
 REVOKED writes are dropped by the worker's backend (``service.status.backend``),
-because the kit always records where such a task went. Every key expires after
-KIT_RESULT_EXPIRES. A cancel mark is a key of its own, ``kit-revoked-<id>``.
+because the kit always records where such a task went. Every state key expires
+after KIT_RESULT_EXPIRES. A cancel mark is a key of its own, ``kit-revoked-<id>``,
+kept for MARK_EXPIRES_S + KIT_RESULT_EXPIRES (a task may wait up to ten years for
+its countdown, then in a backlog): a mark must outlive the message it stops. Once
+a worker dead-lettered the task as ``revoked`` it shortens the mark to
+KIT_RESULT_EXPIRES (``end_mark``), enough to stop a redelivery of a message whose
+ack was lost, so marks do not pile up for years.
 
-Two kinds of calls: the best-effort writes of workers, publishers and replays
+Three kinds of calls: the best-effort writes of workers, publishers and replays
 never raise and give up after a short timeout (after a failure they skip
 Redis for PAUSE_AFTER_FAILURE_S, so a dead Redis costs one timeout, not one per
-task); the reads and writes of ``status`` and ``revoke`` raise
-ResultBackendUnavailable in one line.
+task); the cancel check of a worker (``has_mark``) never raises either, but is
+asked every time, with its own MARK_CHECK_TIMEOUT_S and no pause (a pause would
+let cancelled tasks run for its length after one slow write); the reads and
+writes of ``status`` and ``revoke`` raise ResultBackendUnavailable in one line.
 """
 
 from __future__ import annotations
@@ -69,18 +76,26 @@ CANCEL_OVERWRITES = (QUEUED, RETRYING, REPLAYED, "PENDING")
 BEST_EFFORT_TIMEOUT_S = 1.0
 #: Seconds best-effort writes skip Redis after one failed: one timeout per outage, not one per task.
 PAUSE_AFTER_FAILURE_S = 10.0
+#: Seconds a worker's cancel check may take (connect and answer); asked before every task, never paused.
+MARK_CHECK_TIMEOUT_S = 0.5
+#: The longest countdown a task may carry (service.task_message.MAX_COUNTDOWN_S, not imported: that module
+#: imports the publishers, which import this one). A cancel mark lives this plus KIT_RESULT_EXPIRES.
+MARK_EXPIRES_S = 10 * 366 * 86400
 
-# SET the meta ARGV[1] (expiry ARGV[2]) unless the key holds a status not in ARGV[3:].
+# SET the meta ARGV[1] (expiry ARGV[2]) unless the key holds a status not in ARGV[4:], or (ARGV[3] not
+# empty) an ``updated_at`` not older than ARGV[3] (ISO 8601 UTC with microseconds: compares as text).
 _SET_UNLESS_LATER_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, decoded = pcall(cjson.decode, current)
   if ok and type(decoded) == 'table' and decoded['status'] then
     local replaceable = false
-    for i = 3, #ARGV do
+    for i = 4, #ARGV do
       if decoded['status'] == ARGV[i] then replaceable = true end
     end
     if not replaceable then return 0 end
+    local stamp = decoded['updated_at']
+    if ARGV[3] ~= '' and type(stamp) == 'string' and stamp >= ARGV[3] then return 0 end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -105,8 +120,8 @@ def revoke_key(task_id: str) -> str:
 
 
 def now_iso() -> str:
-    """The current time in UTC, ISO 8601."""
-    return datetime.now(UTC).isoformat()
+    """The current time in UTC, ISO 8601 with microseconds (one width, so stamps compare as text)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def encode_meta(task_id: str, status: str, details: dict[str, Any], *, name: str | None = None,
@@ -147,8 +162,10 @@ class StateStore:
     def __init__(self, url: str, expires: int, timeout: float) -> None:
         self.url = url
         self.expires = int(expires)
+        self.mark_expires = MARK_EXPIRES_S + self.expires
         self.timeout = timeout
         self._client: redis.Redis | None = None
+        self._check_client: redis.Redis | None = None
         self._pid = 0
         self._lock = threading.Lock()
         self._paused_until = 0.0
@@ -169,17 +186,24 @@ class StateStore:
         return cls(url, settings.result_expires,
                    timeout if timeout is not None else min(settings.connect_timeout, 10.0))
 
+    def _connect(self, timeout: float) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                    retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+    def _clients(self) -> tuple[redis.Redis, redis.Redis]:
+        """This process's two clients: ``client``, and the cancel check's (MARK_CHECK_TIMEOUT_S at most)."""
+        with self._lock:
+            if self._client is None or self._check_client is None or self._pid != os.getpid():
+                self._client = self._connect(self.timeout)
+                self._check_client = self._connect(min(self.timeout, MARK_CHECK_TIMEOUT_S))
+                self._pid = os.getpid()
+                self._set_unless_later = self._client.register_script(_SET_UNLESS_LATER_SCRIPT)
+            return self._client, self._check_client
+
     @property
     def client(self) -> redis.Redis:
         """This process's client (no retries of its own: the deadline is ``timeout``)."""
-        with self._lock:
-            if self._client is None or self._pid != os.getpid():
-                self._client = redis.Redis.from_url(
-                    self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                    retry=Retry(NoBackoff(), 0), health_check_interval=0)
-                self._pid = os.getpid()
-                self._set_unless_later = self._client.register_script(_SET_UNLESS_LATER_SCRIPT)
-            return self._client
+        return self._clients()[0]
 
     def unavailable(self, exc: BaseException) -> ResultBackendUnavailable:
         """The one-line error for a failed call."""
@@ -203,10 +227,10 @@ class StateStore:
         try:
             client = self.client
             with client.pipeline(transaction=True) as pipe:
-                pipe.set(revoke_key(task_id), now_iso(), ex=self.expires)
+                pipe.set(revoke_key(task_id), now_iso(), ex=self.mark_expires)
                 self._set_unless_later(keys=[task_key(task_id)],
                                        args=[encode_meta(task_id, CANCELLED, details, name=name), self.expires,
-                                             *CANCEL_OVERWRITES], client=pipe)
+                                             "", *CANCEL_OVERWRITES], client=pipe)
                 pipe.execute()
         except redis.RedisError as exc:
             raise self.unavailable(exc) from None
@@ -214,7 +238,7 @@ class StateStore:
     def set_mark(self, task_id: str) -> None:
         """Set the cancel mark only; raises ResultBackendUnavailable."""
         try:
-            self.client.set(revoke_key(task_id), now_iso(), ex=self.expires)
+            self.client.set(revoke_key(task_id), now_iso(), ex=self.mark_expires)
         except redis.RedisError as exc:
             raise self.unavailable(exc) from None
 
@@ -252,15 +276,17 @@ class StateStore:
             return True
         return bool(self._try(f"record {len(items)} queued task(s)", call))
 
-    def record_replayed(self, items: Sequence[tuple[str, str]]) -> bool:
-        """REPLAYED for each (task id, name) unless a worker already wrote a later state; False on failure."""
+    def record_replayed(self, items: Sequence[tuple[str, str]], since: str) -> bool:
+        """REPLAYED for each (task id, name) unless a worker already wrote a later state: one not in
+        REPLAY_OVERWRITES, or any state stamped at or after ``since`` (now_iso() taken before the replay's
+        publish: a worker may have run and dead-lettered it again meanwhile); False on failure."""
         def call() -> bool:
             client = self.client
             with client.pipeline(transaction=False) as pipe:
                 for task_id, name in items:
                     self._set_unless_later(keys=[task_key(task_id)],
-                                        args=[encode_meta(task_id, REPLAYED, {}, name=name), self.expires,
-                                              *REPLAY_OVERWRITES], client=pipe)
+                                           args=[encode_meta(task_id, REPLAYED, {}, name=name), self.expires,
+                                                 since, *REPLAY_OVERWRITES], client=pipe)
                 pipe.execute()
             return True
         return bool(self._try(f"record {len(items)} replayed task(s)", call))
@@ -275,8 +301,22 @@ class StateStore:
             return True
         return bool(self._try("clear cancel marks", call))
 
+    def end_mark(self, task_id: str) -> bool:
+        """The task was dead-lettered as revoked: keep its mark only KIT_RESULT_EXPIRES more (it still stops
+        a redelivery of the message, should the ack have been lost); False when Redis failed."""
+        def call() -> bool:
+            self.client.expire(revoke_key(task_id), self.expires, lt=True)
+            return True
+        return bool(self._try(f"shorten the cancel mark of task {task_id}", call))
+
     def has_mark(self, task_id: str) -> bool | None:
-        """Whether ``task_id`` has a cancel mark; None when Redis could not tell (logged)."""
-        found = self._try(f"check the cancel mark of task {task_id}",
-                          lambda: ("yes" if self.client.exists(revoke_key(task_id)) else "no"))
-        return None if found is None else found == "yes"
+        """Whether ``task_id`` has a cancel mark; None when Redis could not tell within MARK_CHECK_TIMEOUT_S.
+
+        Asked anew every time (not paused by a failed write, nor pausing them); a failure is logged.
+        """
+        try:
+            return bool(self._clients()[1].exists(revoke_key(task_id)))
+        except Exception as exc:  # noqa: BLE001 - the caller decides what an unknown cancel means
+            logger.warning("could not check the cancel mark of task %s in the result backend %s (%s: %s)",
+                           task_id, redact_url(self.url), type(exc).__name__, exc)
+            return None

@@ -16,7 +16,7 @@ One AsyncPublisher per app, opened on the first publish (the service starts,
 and answers 503, while the broker is down) and closed at shutdown. Sentry is
 initialised when SENTRY_DSN is set (service.monitoring.sentry; sentry-sdk's
 FastAPI integration enables itself and reports unhandled errors); every 503
-is reported to it too.
+is reported to it too (timed-out requests at most once a minute: RequestTimeout).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -69,7 +70,9 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     errors = jsonable_encoder(exc.errors())
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    return problem(422, f"{_field(first.get('loc', ()))}: {message}", errors=errors)
+    # Malformed JSON: pydantic's loc is ("body", <character position>), which names no field.
+    field = "body" if first.get("type") == "json_invalid" else _field(first.get("loc", ()))
+    return problem(422, f"{field}: {message}", errors=errors)
 
 
 async def _kit_error(request: Request, exc: Exception) -> JSONResponse:
@@ -92,15 +95,27 @@ async def _export_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(400 if isinstance(exc, ExportNameInvalid) else 404, str(exc))
 
 
+class RequestTimedOut(Exception):
+    """What Sentry gets for a request that ran past KIT_WEB_REQUEST_TIMEOUT (a 503)."""
+
+
 class RequestTimeout:
     """ASGI middleware: a request whose response has not started within ``seconds`` gets a 503.
 
     Once the response has started (a download streaming) the deadline is lifted:
-    a status code cannot be taken back, and a large file may take its time.
+    a status code cannot be taken back, and a large file may take its time. Only
+    this deadline's expiry is answered so (a TimeoutError of the app's own is
+    its error); it is reported to Sentry as RequestTimedOut, at most once per
+    REPORT_EVERY_S, so an outage that times out every poll is one event, not one
+    per request.
     """
+
+    #: Seconds between two reports of timed-out requests to Sentry.
+    REPORT_EVERY_S = 60.0
 
     def __init__(self, app: Any, seconds: float) -> None:
         self.app, self.seconds = app, seconds
+        self._reported_at: float | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -120,12 +135,23 @@ class RequestTimeout:
             async with deadline:
                 await self.app(scope, receive, send_wrapper)
         except TimeoutError:
-            if started:
+            if started or not deadline.expired():
                 raise
             logger.warning("%s %s: no answer within KIT_WEB_REQUEST_TIMEOUT (%gs)", scope.get("method"),
                            scope.get("path"), self.seconds)
+            self._report(scope)
             await problem(503, f"no answer within KIT_WEB_REQUEST_TIMEOUT ({self.seconds:g}s); "
                                "the broker or the result backend is too slow, try again")(scope, receive, send)
+
+    def _report(self, scope: dict[str, Any]) -> None:
+        """Send the timeout to Sentry (a no-op when it is off), unless one went less than REPORT_EVERY_S ago."""
+        now = time.monotonic()
+        if self._reported_at is not None and now - self._reported_at < self.REPORT_EVERY_S:
+            return
+        self._reported_at = now
+        sentry_sdk.capture_exception(RequestTimedOut(
+            f"{scope.get('method')} {scope.get('path')}: no answer within KIT_WEB_REQUEST_TIMEOUT "
+            f"({self.seconds:g}s)"))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

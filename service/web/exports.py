@@ -11,9 +11,11 @@ not a regular file is never served. Names are refused with ExportNameInvalid
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,14 +78,26 @@ def list_exports(directory: Path) -> list[ExportEntry]:
     return sorted(found, key=lambda e: (e.created_at, e.file_name), reverse=True)
 
 
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 @dataclass
 class OpenExport:
-    """An export opened for download: its descriptor, size and content type; read with ``chunks``."""
+    """An export opened for download: its descriptor, size and content type; read with ``chunks``.
+
+    The descriptor is closed at the end of ``chunks``, by ``close``, or else when
+    the object is dropped (a response whose streaming never started).
+    """
 
     file_name: str
     fd: int
     size: int
     media_type: str
+
+    def __post_init__(self) -> None:
+        self._finalizer = weakref.finalize(self, _close_fd, self.fd)
 
     def chunks(self) -> Iterator[bytes]:
         """The file's bytes, in chunks; closes the descriptor at the end (or when dropped)."""
@@ -99,8 +113,8 @@ class OpenExport:
     def close(self) -> None:
         """Close the descriptor (twice is harmless)."""
         if self.fd >= 0:
-            os.close(self.fd)
             self.fd = -1
+            self._finalizer()  # closes it, once
 
 
 def open_export(directory: Path, name: str) -> OpenExport:

@@ -2,7 +2,8 @@
 
 - ``kit_web_requests_total{route, method, status}``: every answered request;
   ``route`` is the route's path template (``/api/tasks/{task_id}``), or
-  ``unmatched`` for paths no route serves, so the label set stays small.
+  ``unmatched`` for paths no route serves, and ``method`` one of METHODS or
+  ``other`` (HTTP allows any token there), so the label set stays small.
 - ``kit_web_request_duration_seconds{route, method}``: time to the response's start.
 - ``kit_web_publish_duration_seconds{task, outcome}``: one publish, until the broker confirmed
   it (``ok``) or the client gave up (the error's class name).
@@ -24,6 +25,8 @@ from prometheus_client.process_collector import ProcessCollector
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 Scope = dict[str, Any]
+#: The methods counted by name; any other is counted as ``other``.
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 class WebMetrics:
@@ -77,6 +80,7 @@ class CountRequests:
             # The route's path template (set by FastAPI's router on the shared scope), not the path.
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope.get("method", "")
+            method = method if method in METHODS else "other"
             self.metrics.requests.labels(route, method, str(code)).inc()
             self.metrics.request_seconds.labels(route, method).observe(
                 elapsed if elapsed is not None else time.monotonic() - started)

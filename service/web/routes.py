@@ -13,6 +13,7 @@ A 202 means the broker confirmed the message. Errors are mapped in service.web.a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -46,7 +47,7 @@ async def _submit(request: Request, name: str, kwargs: dict[str, Any], what: str
     outcome = "ok"
     try:
         task_id = await request.app.state.publisher.publish(name, kwargs=kwargs)
-    except Exception as exc:
+    except BaseException as exc:  # also CancelledError: the request deadline
         outcome = type(exc).__name__
         raise
     finally:
@@ -60,7 +61,7 @@ async def _timed_status(request: Request, call: Any, task_id: str) -> TaskView:
     outcome = "ok"
     try:
         return view(await call(task_id, request.app.state.settings))
-    except Exception as exc:
+    except BaseException as exc:  # also CancelledError: the request deadline
         outcome = type(exc).__name__
         raise
     finally:
@@ -106,7 +107,8 @@ async def cancel_task(task_id: TaskId, request: Request) -> TaskView:
                        404: {"model": Problem, "description": "No such export."}})
 async def download(request: Request, file_name: str) -> StreamingResponse:
     """An export file of the export directory (nothing else: no paths, no symlinks, no hidden files)."""
-    opened = exports.open_export(request.app.state.settings.report_dir, file_name)
+    # In a thread, as every filesystem call here: a slow disk or NFS must not stall the event loop.
+    opened = await asyncio.to_thread(exports.open_export, request.app.state.settings.report_dir, file_name)
     headers = {"Content-Length": str(opened.size),
                "Content-Disposition": f'attachment; filename="{opened.file_name}"'}
     return StreamingResponse(opened.chunks(), media_type=opened.media_type, headers=headers)
@@ -115,7 +117,7 @@ async def download(request: Request, file_name: str) -> StreamingResponse:
 @router.get("/api/exports", response_model=ExportList, tags=["exports"])
 async def list_exports(request: Request) -> ExportList:
     """The export files, newest first, with their download URLs."""
-    entries = exports.list_exports(request.app.state.settings.report_dir)
+    entries = await asyncio.to_thread(exports.list_exports, request.app.state.settings.report_dir)
     files = [{"file_name": e.file_name, "size": e.size, "created_at": e.created_at.isoformat(),
               "download_url": exports.download_url(e.file_name)} for e in entries]
     return ExportList.model_validate({"count": len(files), "files": files})

@@ -122,20 +122,34 @@ class ReliableRequest(Request):
         if self._already_revoked:
             return True
         if not self.acknowledged and (self.id in state.revoked or recorder.is_cancelled(self.id)):
-            self._dead_letter_revoked()
-            self._announce_revoked("revoked", False, None, False)
+            self._announce_revoked("revoked", False, None, False)  # dead-letters it first
             return True
         return super().revoked()
 
+    def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
+        """Celery's end of a revoked task (it acks the message away), after dead-lettering it as ``revoked``.
+
+        Every way Celery revokes passes here: ``revoked`` above, and Celery's own
+        terminate (``control.revoke(id, terminate=True)``, Flower's Terminate) of a
+        running task, whose REVOKED write the kit's backend drops; the dead letter
+        records the revoked state. An expired task was dead-lettered by
+        ``maybe_expire`` already, and an acknowledged message has nothing left to park.
+        """
+        if not self.acknowledged and not expired:
+            self._dead_letter_revoked(terminated)
+        super()._announce_revoked(reason, terminated, signum, expired)
+
     @_never_wedges
-    def _dead_letter_revoked(self) -> None:
+    def _dead_letter_revoked(self, terminated: bool = False) -> None:
         failure = {
             "exception_type": "Revoked",
-            "exception_message": "cancelled (task cancel / revoke) before a worker ran it",
+            "exception_message": ("terminated by Celery's revoke(terminate=True) while it ran" if terminated
+                                  else "cancelled (task cancel / revoke) before a worker ran it"),
             "traceback": "",
             "attempts": h.count(self._request_dict.get("retries")) + 1,
         }
-        logger.warning("%s[%s] was cancelled: dead-lettering it", self.name, self.id)
+        logger.warning("%s[%s] was %s: dead-lettering it", self.name, self.id,
+                       "terminated" if terminated else "cancelled")
         if routing.dead_letter(self._message, h.REASON_REVOKED, failure):
             self.acknowledge()
         else:

@@ -274,7 +274,8 @@ SETTINGS: tuple[Setting, ...] = (
         RESULT_BACKEND_URL,
     ),
     _count("KIT_RESULT_EXPIRES", "86400",
-           "Seconds a task's state, result and cancel mark are kept in the result backend.", 1, 365 * 86400),
+           "Seconds a task's state and result are kept in the result backend; a cancel mark is kept ten "
+           "years longer, and this long once a worker dead-lettered its task.", 1, 365 * 86400),
     Setting("SENTRY_DSN", "", "Sentry DSN of workers, beat and the client; Sentry is off when empty.", SENTRY_DSN),
     Setting("SENTRY_ENVIRONMENT", "", "Sentry environment (Sentry's own default, `production`, when empty).", TEXT),
     Setting("SENTRY_RELEASE", "", "Sentry release; when empty Sentry guesses it (e.g. from git).", TEXT),

@@ -178,6 +178,23 @@ def test_an_unroutable_task_raises_publish_error_at_the_deadline(vhost, topology
     assert 1 <= time.monotonic() - started < 3
 
 
+async def _channel_replaced(publisher: AsyncPublisher, publishing: asyncio.Future, timeout: float = 4) -> None:
+    """Wait until ``publisher`` opened a second channel (it replaces one only after a nack or a return, at most
+    once per async_client._REFRESH_INTERVAL_S) while ``publishing`` is still unconfirmed; fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline, first = loop.time() + timeout, None
+    while True:
+        assert not publishing.done(), "confirmed before the channel was replaced"
+        current = publisher._channel
+        if first is None:
+            first = current
+        elif current is not None and current is not first:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"the publisher did not replace its channel within {timeout:g}s")
+        await asyncio.sleep(0.01)
+
+
 def test_a_returned_task_is_sent_again_until_its_queue_exists(vhost, topology, monkeypatch):
     conn = vhost.connection()
     conn.channel().queue_delete("default")
@@ -188,7 +205,8 @@ def test_a_returned_task_is_sent_again_until_its_queue_exists(vhost, topology, m
     async def main() -> list[str]:
         async with AsyncPublisher() as p:
             publishing = asyncio.gather(*(p.publish("test.record", [n]) for n in range(8)))
-            await asyncio.sleep(1.3)  # returned for longer than a channel lives after a return
+            # Returned for longer than a channel lives after a return: the publisher replaced its channel.
+            await _channel_replaced(p, publishing)
             await asyncio.to_thread(declare_on, load())
             return await publishing
 
@@ -214,7 +232,7 @@ def test_a_nacked_task_is_sent_again_until_it_fits_or_the_deadline(vhost, topolo
     async def main() -> str:
         async with AsyncPublisher() as p:
             publishing = asyncio.ensure_future(p.publish("test.record", ["fits later"]))
-            await asyncio.sleep(1.3)
+            await _channel_replaced(p, publishing)  # nacked for longer than a channel lives after a nack
             assert [m.headers["argsrepr"] for m in await asyncio.to_thread(vhost.drain, "default")] == [
                 "['fills the queue']"]
             return await publishing

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
+import redis
 
 from service import headers as h
 from service.errors import ResultBackendUnavailable
 from service.status import revoke
+from service.status.store import revoke_key
 from tests.helpers import REPO, Vhost, wait_until
 from tests.helpers.status import STATUS_TASK_MODULES, publish, run_cli, wait_state
 from tests.worker_tasks import recorded
@@ -43,10 +46,13 @@ def test_cancelled_tasks_never_run_across_a_worker_restart_and_a_replay_runs_one
 
     start_worker()  # a new worker process: Celery's in-memory revoke list would be empty here
     wait_until(lambda: vhost.depth("default.dead") == 3, 30, "the three cancelled tasks to be dead-lettered")
+    marks = redis.Redis.from_url(result_backend)
     for task_id in (queued, retried, later):
         ended = wait_state(task_id, "revoked")
         assert (ended.reason, ended.dead_letter_queue, ended.replayable) == (h.REASON_REVOKED, "default.dead", True)
         assert ended.worker and ended.final
+        # Dead-lettered: the mark (ten years and more until then) is kept one KIT_RESULT_EXPIRES more.
+        wait_until(lambda i=task_id: 0 < marks.ttl(revoke_key(i)) <= 86400, 10, f"the mark of {task_id} to shorten")
     assert {"queued1", "later1"}.isdisjoint(recorded(tmp_path, "started"))
     assert [a for a in recorded(tmp_path, "attempt") if a.startswith("wait1:")] == ["wait1:0"]
 
@@ -59,6 +65,31 @@ def test_cancelled_tasks_never_run_across_a_worker_restart_and_a_replay_runs_one
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert wait_state(queued, "succeeded").result == "queued1"  # the replay cleared the cancel
     assert recorded(tmp_path, "done").count("queued1") == 1
+
+
+def test_celery_terminate_of_a_running_task_ends_it_revoked_and_dead_lettered_once(
+        result_backend, status_env, start_worker, vhost: Vhost, tmp_path):
+    """Celery's own revoke(terminate=True) (Flower's Terminate) kills the run; Celery would ack it away and
+    leave the state running: the worker dead-letters it as revoked, once."""
+    from celery import Celery
+
+    worker = start_worker()
+    marker = uuid.uuid4().hex[:8]
+    task_id = publish("test.status_steps", marker)
+    wait_state(task_id, "running")
+    control = Celery("kit-test-control", broker=status_env["KIT_BROKER_URL"], set_as_current=False)
+    try:
+        control.control.revoke(task_id, terminate=True)
+    finally:
+        control.close()
+    ended = wait_state(task_id, "revoked")
+    assert (ended.reason, ended.dead_letter_queue) == (h.REASON_REVOKED, "default.dead"), ended
+    assert ended.error == "Revoked: terminated by Celery's revoke(terminate=True) while it ran"
+    listed = run_cli(status_env, "dlq", "list", "--queue", "default", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(row["id"], row["reason"]) for row in json.loads(listed.stdout)] == [(task_id, h.REASON_REVOKED)]
+    assert "was terminated: dead-lettering it" in worker.log()
+    assert recorded(tmp_path, "started") == [marker]  # ran once, and not again
 
 
 @pytest.mark.parametrize("backend", ["", "db+sqlite:///results.db"])

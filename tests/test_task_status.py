@@ -5,6 +5,7 @@ broker shows; with a Redis that does not answer, one line and no hang."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -296,3 +297,124 @@ def test_without_a_backend_only_the_first_messages_of_a_long_queue_are_searched(
     missed = status("dead-2")
     assert missed.state == "unknown" and "only the first 2 messages of default.dead were searched" in missed.note
     assert vhost.depth("default.dead") == 3
+
+
+# -- marks, replays, the broker behind the backend, other backends, config ------------------------
+
+
+def test_cancel_marks_outlive_the_longest_countdown_until_the_worker_dead_letters_the_task(result_backend):
+    from service.status.store import MARK_EXPIRES_S, StateStore, revoke_key
+    from service.task_message import MAX_COUNTDOWN_S
+
+    store = StateStore.from_settings(load())
+    assert store is not None and MARK_EXPIRES_S == MAX_COUNTDOWN_S
+    store.cancel("waits-long", {"reason": "revoked"})
+    store.set_mark("runs-now")
+    stored = redis.Redis.from_url(result_backend)
+    for task_id in ("waits-long", "runs-now"):
+        assert MAX_COUNTDOWN_S < stored.ttl(revoke_key(task_id)) <= MAX_COUNTDOWN_S + 86400
+    assert store.end_mark("waits-long")  # dead-lettered as revoked: a redelivery is still stopped a day long
+    assert 0 < stored.ttl(revoke_key("waits-long")) <= 86400
+    store._paused_until = time.monotonic() + 60  # a write failed a moment ago: the cancel check still asks
+    assert store.has_mark("waits-long") is True and store.has_mark("never-cancelled") is False
+
+
+def test_the_cancel_check_asks_every_time_with_its_own_short_timeout(silent_redis, caplog):
+    from service.status.store import MARK_CHECK_TIMEOUT_S, StateStore
+
+    store = StateStore(silent_redis, 86400, timeout=5.0)
+    for _ in range(2):  # not paused after the first failure: asked again, and again within the short timeout
+        started = time.monotonic()
+        assert store.has_mark("t1") is None
+        assert time.monotonic() - started < MARK_CHECK_TIMEOUT_S + 1
+    assert caplog.text.count("could not check the cancel mark of task t1") == 2
+
+
+def test_a_replay_never_overwrites_a_state_a_worker_wrote_after_it_started(result_backend):
+    from service.status.store import DEAD_LETTERED, StateStore, now_iso
+
+    store = StateStore.from_settings(load())
+    assert store is not None
+    store.record("dead-before", DEAD_LETTERED, {"reason": "permanent-error"})
+    started = now_iso()  # the replay's publish starts here
+    store.record("dead-again", DEAD_LETTERED, {"reason": "permanent-error"})  # a worker ran it and it failed again
+    assert store.record_replayed([("dead-before", "test.permanent"), ("dead-again", "test.permanent")], started)
+    assert (status("dead-before").state, status("dead-again").state) == ("replayed", "dead-lettered")
+
+
+def _dead_letter_in_broker(vhost: Vhost, task_id: str) -> None:
+    conn = vhost.connection()
+    try:
+        channel = conn.channel()
+        channel.confirm_select()
+        channel.basic_publish_confirm(amqp.Message(b"[[], {}, {}]", application_headers={
+            "id": task_id, "task": "test.record", h.REASON: h.REASON_PERMANENT}, delivery_mode=2),
+            "tasks.dead", "default")
+    finally:
+        conn.close()
+
+
+def test_with_a_backend_a_task_it_has_no_record_of_is_looked_for_in_the_broker(result_backend, topology,
+                                                                                 vhost: Vhost):
+    _dead_letter_in_broker(vhost, "old-dead")  # its record in the backend expired long ago
+    found = status("old-dead")
+    assert (found.state, found.source, found.reason, found.dead_letter_queue) == (
+        "dead-lettered", "broker", h.REASON_PERMANENT, "default.dead")
+    assert "no record in the result backend" in found.note
+    missing = status(str(uuid.uuid4()))
+    assert (missing.state, missing.source) == ("unknown", "backend")
+    assert "KIT_RESULT_EXPIRES" in missing.note and "no dead letter or waiting retry has this id either" in (
+        missing.note)
+    assert vhost.depth("default.dead") == 1  # looked at, not taken
+
+
+def test_a_rejected_dead_letter_is_recorded_as_the_broker_shows_it(result_backend, monkeypatch):
+    from service.status import recorder
+
+    monkeypatch.setattr(recorder, "_store_pid", 0)  # this test's backend, not the one of an earlier test
+    monkeypatch.setattr(recorder, "_store", None)
+    headers = {"id": "rejected-1", "task": "test.record"}
+    failure = {"exception_type": "Revoked", "exception_message": "cancelled", "attempts": 1}
+    recorder.record_dead_lettered(headers, h.REASON_REVOKED, failure, "default", published=False)
+    found = status("rejected-1")
+    assert (found.state, found.reason, found.dead_letter_queue) == ("revoked", "broker-rejected", "default.dead")
+    assert found.note.startswith(f"dead-lettered as {h.REASON_REVOKED}, but the dead letter could not be published")
+
+
+def test_another_backend_that_hangs_is_one_line_within_the_deadline(monkeypatch, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    os.mkfifo(results / "celery-task-meta-hangs")  # opening it for reading waits for a writer: forever
+    monkeypatch.setenv("KIT_RESULT_BACKEND", f"file://{results}")
+    monkeypatch.setenv("KIT_CONNECT_TIMEOUT", "1")
+    started = time.monotonic()
+    try:
+        with pytest.raises(ResultBackendUnavailable, match=r"did not answer within 1s") as caught:
+            status("hangs")
+        assert time.monotonic() - started < 5 and "\n" not in str(caught.value)
+    finally:  # let the reader thread go (it waits in open(): a reader, so this open does not fail)
+        with contextlib.suppress(OSError):
+            os.close(os.open(results / "celery-task-meta-hangs", os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_config_hides_the_password_of_every_url(monkeypatch):
+    from click.testing import CliRunner
+
+    from service.cli import main
+
+    env = {"KIT_BROKER_URL": "pyamqp://kit:brokersecret@127.0.0.1:5672/kit",
+           "KIT_RESULT_BACKEND": "redis://:redissecret@127.0.0.1:6379/0",
+           "SENTRY_DSN": "https://dsnsecret@sentry.example/1"}
+    result = CliRunner().invoke(main, ["config"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "secret" not in result.output
+    assert "KIT_RESULT_BACKEND=redis://:***@127.0.0.1:6379/0" in result.output
+    assert "KIT_BROKER_URL=pyamqp://kit:***@127.0.0.1:5672/kit" in result.output
+
+
+@pytest.mark.parametrize("url", ["rpc://", "cache+memory://"])
+def test_a_result_backend_only_its_own_process_can_read_is_refused(monkeypatch, url):
+    monkeypatch.setenv("KIT_RESULT_BACKEND", url)
+    with pytest.raises(ConfigError, match="other processes") as caught:
+        load()
+    assert "\n" not in str(caught.value)

@@ -333,7 +333,8 @@ def test_bad_input_is_422_naming_the_field_and_metrics_count_it(kit_env, start_w
         assert response.status_code == 422 and response.json()["detail"].startswith("days_old: "), response.text
     response = web.client.post("/api/export/work-logs", content=b"{not json", headers={"content-type":
                                                                                           "application/json"})
-    assert response.status_code == 422, response.text
+    assert response.status_code == 422 and response.json()["detail"].startswith("body: "), response.text
+    assert web.client.request("BREW", "/healthz").status_code == 405  # any token is a method to HTTP
 
     metrics = web.client.get("/metrics").text
     exports = sum(1 for p, _, _ in cases if p == "/api/export/work-logs") + 1
@@ -341,6 +342,8 @@ def test_bad_input_is_422_naming_the_field_and_metrics_count_it(kit_env, start_w
             f'{float(exports)}') in metrics, metrics
     assert 'kit_web_requests_total{method="POST",route="/api/cleanup",status="422"} 4.0' in metrics
     assert 'kit_web_requests_total{method="GET",route="/healthz",status="200"}' in metrics
+    assert 'kit_web_requests_total{method="other",route="/healthz",status="405"} 1.0' in metrics
+    assert 'method="BREW"' not in metrics
     assert "# TYPE kit_web_publish_duration_seconds histogram" in metrics
 
     docs = web.client.get("/docs")
@@ -365,7 +368,7 @@ def test_broker_down_is_a_quick_503_reported_to_sentry(kit_env, start_web) -> No
             ("POST", "/api/export/work-logs", {"json": body}, "broker"),
             ("POST", "/api/notifications", {"json": {"user_id": "u1", "message": "hi"}}, "broker"),
             ("GET", f"/api/tasks/{uuid.uuid4()}", {}, "result backend"),
-            ("DELETE", f"/api/tasks/{uuid.uuid4()}", {}, "")):
+            ("DELETE", f"/api/tasks/{uuid.uuid4()}", {}, "result backend")):
         started = time.monotonic()
         response = web.client.request(method, path, **kwargs)
         elapsed = time.monotonic() - started
@@ -390,23 +393,96 @@ def test_broker_down_is_a_quick_503_reported_to_sentry(kit_env, start_web) -> No
 
 def test_a_silent_broker_is_a_503_at_the_request_timeout_and_the_loop_stays_free(kit_env, start_web) -> None:
     """A broker that accepts the connection and never answers: the request deadline answers for it."""
+    sentry = SentryEndpoint()
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
-        silent.listen(16)  # never accepted: the handshake completes in the backlog, AMQP never answers
+        silent.listen(16)  # AMQP never answers: the connection is accepted below, and nothing is sent
+        silent.settimeout(10)
         port = silent.getsockname()[1]
         web = start_web(KIT_BROKER_URL=f"pyamqp://nobody@127.0.0.1:{port}/kit", KIT_PUBLISH_TIMEOUT="20",
-                        KIT_CONNECT_TIMEOUT="20", KIT_WEB_REQUEST_TIMEOUT="1.5")
+                        KIT_CONNECT_TIMEOUT="20", KIT_WEB_REQUEST_TIMEOUT="1.5", SENTRY_DSN=sentry.dsn)
         answers: list[httpx.Response] = []
         body = {"start_date": "2024-01-01", "end_date": "2024-01-31"}
         started = time.monotonic()
-        thread = threading.Thread(target=lambda: answers.append(web.client.post("/api/export/work-logs", json=body)))
-        thread.start()
-        time.sleep(0.3)  # the publish is now waiting for the broker
-        probe = time.monotonic()
-        assert web.client.get("/healthz").status_code == 200
-        assert time.monotonic() - probe < 0.5, "the event loop is blocked by the waiting publish"
-        thread.join(10)
+        threads = [threading.Thread(target=lambda: answers.append(web.client.post("/api/export/work-logs",
+                                                                                  json=body))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        peer, _ = silent.accept()  # the publish is now waiting for the broker (at most 10 s for it to connect)
+        try:
+            probe = time.monotonic()
+            assert web.client.get("/healthz").status_code == 200
+            assert time.monotonic() - probe < 0.5, "the event loop is blocked by the waiting publish"
+            for thread in threads:
+                thread.join(10)
+        finally:
+            peer.close()
         elapsed = time.monotonic() - started
-        assert answers and answers[0].status_code == 503, answers and answers[0].text
+        assert len(answers) == 2 and all(a.status_code == 503 for a in answers), [a.text for a in answers]
         assert "KIT_WEB_REQUEST_TIMEOUT" in answers[0].json()["detail"]
         assert 1.4 < elapsed < 4, elapsed
+    metrics = web.client.get("/metrics").text
+    # The deadline cancelled both publishes: counted as such, not as "ok".
+    assert ('kit_web_publish_duration_seconds_count{outcome="CancelledError",task="reports.work_logs"} 2.0'
+            in metrics), metrics
+    assert 'outcome="ok"' not in metrics
+    try:
+        def timed_out() -> list[dict[str, Any]]:
+            return [event for event in sentry.items("event") for value in event.get("exception", {}).get("values", [])
+                    if value["type"] == "RequestTimedOut"]
+
+        wait_until(timed_out, 10, "the timed-out request to reach Sentry", interval=0.1)
+        assert "KIT_WEB_REQUEST_TIMEOUT" in timed_out()[0]["exception"]["values"][0]["value"]
+    finally:
+        sentry.close()
+
+
+# --------------------------------------------------------------------------- without a server
+
+
+def test_the_request_deadline_answers_only_its_own_expiry_and_reports_once_a_minute(monkeypatch) -> None:
+    import asyncio
+
+    from service.web import app as web_app
+
+    reported: list[BaseException] = []
+    monkeypatch.setattr(web_app.sentry_sdk, "capture_exception", reported.append)
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(10)
+
+    async def own_timeout(scope: Any, receive: Any, send: Any) -> None:
+        raise TimeoutError("the app's own")
+
+    async def call(deadline: Any) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await deadline({"type": "http", "method": "GET", "path": "/x"}, None, send)
+        return sent
+
+    async def main() -> None:
+        deadline = web_app.RequestTimeout(slow, 0.05)
+        for _ in range(3):  # an outage: every request times out, Sentry hears of the first
+            assert (await call(deadline))[0]["status"] == 503
+        with pytest.raises(TimeoutError, match="the app's own"):  # not the deadline's: not a 503
+            await call(web_app.RequestTimeout(own_timeout, 5))
+
+    asyncio.run(main())
+    assert len(reported) == 1 and isinstance(reported[0], web_app.RequestTimedOut)
+
+
+def test_an_export_opened_and_never_streamed_closes_its_file(tmp_path) -> None:
+    import gc
+
+    from service.web.exports import open_export
+
+    (tmp_path / "work_logs_a.csv").write_text("date\n")
+    opened = open_export(tmp_path, "work_logs_a.csv")
+    fd, chunks = opened.fd, opened.chunks()  # a response made, its streaming never started
+    del opened, chunks
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)

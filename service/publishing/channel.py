@@ -5,11 +5,14 @@ put a message on the broker. A ``publish`` returns only once RabbitMQ confirmed
 that message; an unroutable message (no queue bound) is returned by the broker
 and raises PublishError instead of vanishing.
 
-Many threads may publish at once: each writes its message (a short lock) and
-then waits for its own confirm while the others write theirs, so their confirms
-overlap on the one channel instead of queueing behind each other. One waiting
-thread at a time reads the broker's answers for everybody (the "drainer"); the
-others sleep until their message is settled or the drainer's turn passes to them.
+Many threads may publish at once, and their confirms overlap on the one
+channel instead of queueing behind each other. A caller puts its messages in
+the outbox and takes whichever turn is free: the writer's (it sends every
+batch waiting in the outbox in one send, so under load one thread writes for
+many) or the drainer's (it reads the broker's answers for everybody). The
+others sleep until their own messages are settled or a turn passes to them.
+Writers hold the io lock; on plain TCP the drainer reads beside them, on TLS
+under the same lock.
 
 What a caller gets back is about its own messages only:
 
@@ -19,15 +22,17 @@ What a caller gets back is about its own messages only:
   a leader) is sent again, on a fresh connection, until the deadline; one still
   returned then raises PublishError, one still nacked or unconfirmed BrokerUnavailable;
 - a message to an exchange that does not exist, or that the user may not write
-  to, raises PublishError at once.
+  to, raises PublishError at once, and so does one py-amqp cannot encode (a
+  priority over 255, a header value it has no type for), for that caller only.
 
 Fork-safe: a process forked from one that used the channel opens its own
 connection and never touches its parent's socket.
 
-Why this module is over 400 lines (about 430): opening and dropping the
+Why this module is over 400 lines (about 520): opening and dropping the
 connection, writing, and the drainer's reading all follow one lock discipline
 (the io lock, then the book lock) and one rule of who may touch the socket;
-they are one class so that discipline can be read, and checked, in one place.
+they are one class so that discipline can be read, and checked, in one place;
+the book-keeping itself (tags, outcomes, waiters) is ``inflight``, the socket tricks ``transport``.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ class ConfirmedChannel:
             except OSError:
                 pass
 
-    # -- connection management (the io lock held) ------------------------------------
+    # -- connection management (called with the io lock held) -------------------------
 
     def _open_locked(self, remaining: float) -> None:
         if self._channel is not None:

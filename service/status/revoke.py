@@ -1,8 +1,10 @@
 """``revoke(task_id)``: cancel a task that has not run yet, durably.
 
-A cancel is a mark in the result backend (``kit-revoked-<id>``, kept for
-KIT_RESULT_EXPIRES), not Celery's revoke, which lives in each worker's memory
-and is forgotten on restart. Every worker checks the mark before it runs a task
+A cancel is a mark in the result backend (``kit-revoked-<id>``, kept for ten
+years plus KIT_RESULT_EXPIRES, the longest countdown and then some; shortened to
+KIT_RESULT_EXPIRES once the task is dead-lettered: ``service.status.store``), not
+Celery's revoke, which lives in each worker's memory and is forgotten on restart.
+Every worker checks the mark before it runs a task
 (``service.worker.request.ReliableRequest.revoked``): a cancelled task waiting
 in its work queue, in a retry's wait queue or for its countdown never runs; the
 worker that next receives it dead-letters it with reason ``revoked`` and its

@@ -312,11 +312,13 @@ class StateStore:
     def has_mark(self, task_id: str) -> bool | None:
         """Whether ``task_id`` has a cancel mark; None when Redis could not tell within MARK_CHECK_TIMEOUT_S.
 
-        Asked anew every time (not paused by a failed write, nor pausing them); a failure is logged.
+        Asked anew every time (not paused by a failed write, nor pausing them). A failure is logged, with
+        what the worker then does (``recorder.is_cancelled``: it runs the task).
         """
         try:
             return bool(self._clients()[1].exists(revoke_key(task_id)))
-        except Exception as exc:  # noqa: BLE001 - the caller decides what an unknown cancel means
-            logger.warning("could not check the cancel mark of task %s in the result backend %s (%s: %s)",
-                           task_id, redact_url(self.url), type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - an unknown cancel is the caller's to decide
+            logger.warning("could not check the cancel mark of task %s in the result backend %s (%s: %s); "
+                           "it runs: a cancel is not enforced while Redis does not answer", task_id,
+                           redact_url(self.url), type(exc).__name__, exc)
             return None

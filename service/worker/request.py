@@ -17,7 +17,8 @@ The rule that decided is logged and, on a dead letter, recorded in its
 ``kit-retry-rule`` header.
 
 A task whose ``expires`` passed before it ran is dead-lettered as ``expired``
-(Celery would ack it away as revoked), a cancelled one as ``revoked``. None of these handlers lets an
+(Celery would ack it away as revoked), a cancelled one as ``revoked`` (also one that Celery's own
+``revoke(terminate=True)`` stopped while it ran). None of these handlers lets an
 exception escape: a bug or a value it cannot use dead-letters the message as
 ``invalid-message`` (or rejects it), so no message stays unacked.
 """

@@ -29,6 +29,13 @@ __all__ = ["EVENT_EXCHANGE", "EVENT_ROUTING_KEY", "HOSTNAME", "MAX_COUNTDOWN_S",
 _REPR = Repr()
 _REPR.maxstring = 100
 _REPR.maxother = 100
+#: Bodies up to this size show their arguments in full (Celery's own argsrepr_maxsize is 1024 characters).
+_FULL_REPR_BYTES = 1024
+
+
+def _shown(value: Any, body_bytes: int) -> str:
+    """``argsrepr``/``kwargsrepr``: arguments as Flower shows them, in full when small, else shortened."""
+    return repr(value) if body_bytes <= _FULL_REPR_BYTES else _REPR.repr(value)
 HOSTNAME = f"gen{os.getpid()}@{socket.gethostname()}"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
@@ -109,8 +116,8 @@ def build_message(
         "timelimit": [None, None],
         "root_id": task_id,
         "parent_id": None,
-        "argsrepr": _REPR.repr(list(args)),
-        "kwargsrepr": _REPR.repr(dict(kwargs)),
+        "argsrepr": _shown(list(args), len(payload)),
+        "kwargsrepr": _shown(dict(kwargs), len(payload)),
         "origin": _ORIGIN,
         "ignore_result": False,
         "replaced_task_nesting": 0,

@@ -152,6 +152,7 @@ class ConfirmedChannel:
             transport.no_revive(channel)
             event_channel = self._open_event_channel(conn)  # the last call that reads: before the drainer may
             transport.no_reads_while_publishing(transport_conn)
+            transport.read_ahead(transport_conn)
             # A write or a read that takes longer than a whole publish may is a dead connection, not a wait.
             sock.settimeout(max(self._deadline_s, 1.0))
         except BaseException:
@@ -440,7 +441,7 @@ class ConfirmedChannel:
         if sock is None:
             time.sleep(min(wait_s, 0.01))  # dropped: its entries are settled as lost
             return
-        if not transport.readable(sock, wait_s):
+        if not transport.readable(sock, wait_s, transport_conn):
             return
         try:
             if self._read_under_io:

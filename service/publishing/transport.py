@@ -16,6 +16,8 @@ from typing import Any
 import amqp
 from kombu import Connection
 
+#: Most bytes one receive asks for (``read_ahead``).
+READ_AHEAD_BYTES = 16384
 #: Bytes ``one_write`` collects before it sends them anyway (a window of big messages is not one huge send).
 ONE_WRITE_MAX_BYTES = 1 << 20
 
@@ -28,8 +30,25 @@ def socket_of(transport_conn: amqp.Connection | None) -> socket.socket | None:
     return getattr(getattr(transport_conn, "_transport", None), "sock", None)
 
 
-def readable(sock: socket.socket, timeout: float) -> bool:
-    """Whether ``sock`` has something to read within ``timeout`` seconds (a closed socket counts: reading says so)."""
+def read_ahead(transport_conn: amqp.Connection) -> None:
+    """Let py-amqp read whatever the socket has (up to READ_AHEAD_BYTES), not a frame's exact bytes.
+
+    py-amqp reads each frame with three receives (header, payload, end); the
+    broker's acks come many at a time, so one receive now brings several and the
+    rest wait in py-amqp's own read buffer (``readable`` looks there first).
+    """
+    transport = transport_conn._transport
+    recv = transport._quick_recv
+    transport._quick_recv = lambda n: recv(max(n, READ_AHEAD_BYTES))
+
+
+def readable(sock: socket.socket, timeout: float, transport_conn: amqp.Connection | None = None) -> bool:
+    """Whether ``sock`` has something to read within ``timeout`` seconds (a closed socket counts: reading says so).
+
+    Bytes already in py-amqp's read buffer (``read_ahead``) count too.
+    """
+    if transport_conn is not None and getattr(getattr(transport_conn, "_transport", None), "_read_buffer", b""):
+        return True
     pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted are invisible to poll
     if pending is not None and pending():
         return True

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from service import queues
+from service.errors import KitError
 from service.monitoring import sentry
 from service.publishing import ConfirmedChannel, Outgoing
 from service.publishing.events import EventBatcher
@@ -88,11 +89,20 @@ class Publisher:
         """Publish many tasks; returns their ids once all are confirmed.
 
         Every request is validated before the first is sent, so bad input sends
-        nothing. A broken connection re-sends the unconfirmed window.
+        nothing. A broken connection re-sends the unconfirmed window. When a
+        window fails, the error (BrokerUnavailable, PublishError) carries
+        ``task_ids``: the ids of the tasks confirmed before it, which are queued.
         """
         built = [build_message(r, self._settings.max_payload_bytes, self._settings.longest_wait, self._profile)
                  for r in requests]
-        self._channel.publish_many((m for _, m in built), window=window)
+        try:
+            self._channel.publish_many((m for _, m in built), window=window)
+        except KitError as exc:
+            confirmed = built[:getattr(exc, "confirmed", 0)]
+            for task_id, message in confirmed:
+                self._published(task_id, message)
+            exc.task_ids = [task_id for task_id, _ in confirmed]
+            raise
         for task_id, message in built:
             self._published(task_id, message)
         return [task_id for task_id, _ in built]

@@ -234,3 +234,15 @@ def test_a_message_that_cannot_be_encoded_fails_only_its_caller(vhost, topology,
     queued = [m.headers["id"] for m in vhost.drain("default")]
     assert sorted(queued) == sorted([f"m{i}-{n}" for i in (1, 2, 3) for n in range(10)] + ["after"])
 
+
+def test_a_failing_window_says_how_many_before_it_are_queued(vhost, topology, kit_env):
+    channel = ConfirmedChannel(load(), deadline_s=2)
+    messages = [_message("tasks", "default", f"m{n}") for n in range(3)] + [_message("no-such-exchange", "x", "bad")]
+    try:
+        with pytest.raises(PublishError, match="no such exchange") as info:
+            channel.publish_many(messages, window=2)
+    finally:
+        channel.close()
+    assert info.value.confirmed == 2  # the first window; the second failed as a whole
+    queued = [m.headers["id"] for m in vhost.drain("default")]
+    assert queued[:2] == ["m0", "m1"] and set(queued) <= {"m0", "m1", "m2"}

@@ -239,18 +239,24 @@ class ConfirmedChannel:
         """Publish messages a window at a time, each window's confirms awaited together.
 
         Returns the number published. Messages whose confirm never came (a
-        broken connection) are sent again (at-least-once).
+        broken connection) are sent again (at-least-once). When a window fails,
+        the error raised carries ``confirmed``: how many messages before it the
+        broker confirmed (they are queued).
         """
         count = 0
         batch: list[Outgoing] = []
-        for message in messages:
-            batch.append(message)
-            if len(batch) >= window:
+        try:
+            for message in messages:
+                batch.append(message)
+                if len(batch) >= window:
+                    self._deliver(batch)
+                    count, batch = count + len(batch), []
+            if batch:
                 self._deliver(batch)
-                count, batch = count + len(batch), []
-        if batch:
-            self._deliver(batch)
-            count += len(batch)
+                count += len(batch)
+        except (PublishError, BrokerUnavailable, BrokerRefused) as exc:
+            exc.confirmed = count
+            raise
         return count
 
     def publish_events(self, events: Iterable[Outgoing]) -> None:

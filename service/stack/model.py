@@ -83,7 +83,7 @@ COMPOSE_USER_PREFIX = "kit-"
 #: The compose service of the broker.
 BROKER_SERVICE = "rabbitmq"
 #: Redis' port: its URL is redis://, not http:// (``urls``).
-REDIS_PORT = 6379
+REDIS_PORT = 6380
 #: First ports of ``stack up --cluster N``'s nodes (node K: the port + K - 1, plus --port-offset).
 CLUSTER_AMQP_PORT = 5681
 CLUSTER_DIST_PORT = 25681

@@ -10,11 +10,9 @@ one. Bad input raises PermanentError (dead-lettered at once).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +22,7 @@ from service.app import app
 from service.errors import PermanentError
 from service.settings import load
 from service.tasks.contracts import MAX_MESSAGE, NOTIFICATION_TASK, NOTIFICATION_TYPES, USER_ID
+from service.tasks.files import written_atomically
 
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
@@ -52,16 +51,9 @@ def send(self: Task, user_id: str, message: str, notification_type: str = "in_ap
     record = {"notification_id": task_id, "user_id": user_id, "notification_type": notification_type,
               "message": message, "queued_at": queued_at}
     path = outbox / f"{task_id}.json"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{task_id}.", suffix=".tmp", dir=outbox)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with written_atomically(path) as tmp_name, open(tmp_name, "w", encoding="utf-8") as f:
+        json.dump(record, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
     return {"notification_id": task_id, "user_id": user_id, "notification_type": notification_type,
             "outbox_file": path.name, "queued_at": queued_at}

@@ -8,12 +8,10 @@ a half-written export. Bad input raises PermanentError: no retry can fix it.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +20,10 @@ from celery import Task
 from service.app import app
 from service.errors import PermanentError
 from service.settings import load
+from service.tasks.files import written_atomically
 
 #: Report names and task ids must match this to become part of a file name.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
-#: Suffix of the temporary files of exports in progress (the clean-up only removes *.csv).
-TEMP_SUFFIX = ".tmp"
 
 
 def report_path(report_dir: Path, report: str, task_id: str) -> Path:
@@ -55,20 +52,6 @@ def _check_input(report: Any, rows: Any, columns: Any) -> list[str]:
     return columns
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (where the platform allows opening directories)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _cell(value: Any) -> Any:
     """Nested values become JSON text (not Python's repr); None becomes an empty cell."""
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
@@ -76,21 +59,13 @@ def _cell(value: Any) -> Any:
 
 def write_csv_atomically(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` under ``header`` to ``path`` so it appears complete or not at all."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            # Keys not in ``columns`` are left out; missing ones are empty cells.
-            writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore", restval="")
-            writer.writeheader()
-            writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
+    with written_atomically(path) as tmp_name, open(tmp_name, "w", newline="", encoding="utf-8") as f:
+        # Keys not in ``columns`` are left out; missing ones are empty cells.
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @app.task(name="reports.export", bind=True)

@@ -20,18 +20,15 @@ raises PermanentError: no retry can fix it, the message is dead-lettered.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date, timedelta
-from pathlib import Path
 from typing import Any
 
 from celery import Task
@@ -45,9 +42,9 @@ from service.tasks.contracts import (
     MAX_CHUNK_PAUSE,
     MAX_EMPLOYEES,
     MAX_EXPORT_DAYS,
-    TEMP_SUFFIX,
     WORK_LOGS_TASK,
 )
+from service.tasks.files import written_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -178,15 +175,6 @@ def _write_xlsx(path: str, rows: list[dict[str, Any]], after_chunk: Callable[[in
         os.fsync(f.fileno())
 
 
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class _Progress:
     """Reports PROGRESS states of a running task; best effort: a failed write is logged once, then skipped."""
 
@@ -237,15 +225,7 @@ def work_logs(self: Task, start_date: str, end_date: str, employee_ids: list[str
         if chunk_pause:
             time.sleep(chunk_pause)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TEMP_SUFFIX, dir=directory)
-    os.close(fd)
-    try:
+    with written_atomically(path) as tmp_name:
         (_write_csv if export_format == "csv" else _write_xlsx)(tmp_name, rows, after_chunk)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(directory)
     return {"file_name": path.name, "rows": len(rows), "size": path.stat().st_size, "format": export_format,
             "start_date": start.isoformat(), "end_date": end.isoformat()}

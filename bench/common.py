@@ -7,11 +7,12 @@ the checkout without installing anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,3 +108,12 @@ def print_ratios(ratios: Mapping[str, float | None], notes: Mapping[str, str]) -
             continue
         note = f"   {notes[key]}" if key in notes else ""
         print(f"  {key:<50} {value:6.2f}x{note}")
+
+
+def clean_up(closers: Sequence[Callable[[], Any]], vhost: Any) -> None:
+    """Best effort: call every closer (a failing one does not stop the others), then delete the vhost."""
+    for close in closers:
+        with contextlib.suppress(Exception):
+            close()
+    vhost.delete()
+

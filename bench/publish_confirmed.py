@@ -27,7 +27,6 @@ round 1 so connecting is not timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 import amqp
 import celery
 import kombu
-from common import environment, print_methods, print_problems, print_ratios, ratio, rotated, summarize
+from common import clean_up, environment, print_methods, print_problems, print_ratios, ratio, rotated, summarize
 from kombu import Exchange, Queue
 
 from harness.broker import ADMIN_PASSWORD, ADMIN_USER, AMQP_HOST, AMQP_PORT, Vhost
@@ -296,13 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             print_table(report)
         return 0
     finally:
-        for method in methods:
-            with contextlib.suppress(Exception):  # best effort clean-up
-                method.close()
-        if admin is not None:
-            with contextlib.suppress(Exception):
-                admin.close()
-        vhost.delete()
+        clean_up([m.close for m in methods] + ([admin.close] if admin is not None else []), vhost)
 
 
 if __name__ == "__main__":

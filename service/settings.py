@@ -264,6 +264,36 @@ SETTINGS: tuple[Setting, ...] = (
              "Seconds a work-log export published by the web service pauses after each chunk of rows: "
              "0 in production; a few hundredths make the progress visible in demos and tests.",
              0, 1),
+    Setting("KIT_CONSOLE_HOST", "127.0.0.1", "Address `python -m service console` (the dead-letter console) "
+            "listens on.", HOST),
+    _count("KIT_CONSOLE_PORT", "5580", "Port of `python -m service console`.", 1, 65535),
+    Setting("KIT_CONSOLE_USERS_FILE", "var/console_users",
+            "The console's users: one `name:role:hash` line each (role viewer or operator, an scrypt hash), "
+            "written by `python -m service console add-user`; no user exists until one is added.", TEXT),
+    Setting("KIT_CONSOLE_URL", "",
+            "Where people reach the console (e.g. `https://dlq.example.com`): alert annotations and Grafana "
+            "link to it; empty: http://KIT_CONSOLE_HOST:KIT_CONSOLE_PORT.", TEXT),
+    _seconds("KIT_CONSOLE_SESSION_TTL", "28800",
+             "Seconds a console login lasts without use (sessions also end when the console restarts).",
+             60, 7 * 86400),
+    Setting("KIT_CONSOLE_COOKIE_SECURE", "false",
+            "`true` marks the console's session cookie Secure (set it when a TLS proxy serves the console).",
+            BOOL),
+    Setting("KIT_CONSOLE_PROXY_USER_HEADER", "",
+            "Trust this request header (e.g. `X-Forwarded-User`) as the logged-in user, from "
+            "KIT_CONSOLE_TRUSTED_PROXIES only; empty (the default): the console's own login. The user's "
+            "role comes from KIT_CONSOLE_USERS_FILE; a user not listed there is a viewer.", TEXT),
+    Setting("KIT_CONSOLE_TRUSTED_PROXIES", "127.0.0.1,::1",
+            "Comma-separated addresses whose KIT_CONSOLE_PROXY_USER_HEADER is believed.", TEXT),
+    _seconds("KIT_CONSOLE_REFRESH", "15",
+             "Seconds between the console's background reads of each dead-letter queue (overview and "
+             "lists show that snapshot and its age; a queue whose count changed is read sooner).", 1, 3600),
+    Setting("KIT_CONSOLE_ARCHIVE_DIR", "var/console-archives",
+            "Where the console writes the archive of every purge before it deletes (JSON Lines, "
+            "`dlq import` reads them).", DIR),
+    Setting("KIT_FLOWER_AUTH_FILE", "",
+            "File holding `user:password` for Flower's basic auth (`python -m service flower`); Flower "
+            "refuses to start without it.", TEXT),
     Setting(
         "KIT_RESULT_BACKEND",
         "",
@@ -404,6 +434,17 @@ class Settings:
     web_port: int
     web_request_timeout: float
     web_export_pause: float
+    console_host: str
+    console_port: int
+    console_users_file: str
+    console_url: str
+    console_session_ttl: float
+    console_cookie_secure: bool
+    console_proxy_user_header: str
+    console_trusted_proxies: str
+    console_refresh: float
+    console_archive_dir: Path
+    flower_auth_file: str
     result_backend: str
     result_expires: int
     sentry_dsn: str
@@ -461,6 +502,17 @@ def load() -> Settings:
         web_port=v["KIT_WEB_PORT"],
         web_request_timeout=v["KIT_WEB_REQUEST_TIMEOUT"],
         web_export_pause=v["KIT_WEB_EXPORT_PAUSE"],
+        console_host=v["KIT_CONSOLE_HOST"],
+        console_port=v["KIT_CONSOLE_PORT"],
+        console_users_file=v["KIT_CONSOLE_USERS_FILE"],
+        console_url=v["KIT_CONSOLE_URL"],
+        console_session_ttl=v["KIT_CONSOLE_SESSION_TTL"],
+        console_cookie_secure=v["KIT_CONSOLE_COOKIE_SECURE"],
+        console_proxy_user_header=v["KIT_CONSOLE_PROXY_USER_HEADER"],
+        console_trusted_proxies=v["KIT_CONSOLE_TRUSTED_PROXIES"],
+        console_refresh=v["KIT_CONSOLE_REFRESH"],
+        console_archive_dir=v["KIT_CONSOLE_ARCHIVE_DIR"],
+        flower_auth_file=v["KIT_FLOWER_AUTH_FILE"],
         result_backend=v["KIT_RESULT_BACKEND"],
         result_expires=v["KIT_RESULT_EXPIRES"],
         sentry_dsn=v["SENTRY_DSN"],

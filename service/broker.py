@@ -10,6 +10,9 @@ regex and what was verified on a real broker)::
     kit-worker     Celery workers: consume the work queues, publish retries and
                    dead letters, Celery's events and remote control
     kit-monitor    celery-exporter and Prometheus: read-only, cannot publish tasks
+    kit-console    the dead-letter console (service.console): reads, replays and
+                   purges dead letters under their per-queue lock; cannot
+                   import dead letters, consume work, retry, or manage anything
 
 The definitions also hold the whole topology of ``service.queues``, so it
 exists without any client needing the right to declare (configure) it: workers
@@ -36,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from service import queues
+from service.deadletters.lock import HOLDER_EXCHANGE, holder_queue_name
 from service.errors import BrokerUnavailable, KitError
 from service.settings import ConfigError, read_secret
 from service.topology import exchange_fix
 
-ROLES: tuple[str, ...] = ("admin", "publisher", "worker", "monitor")
+ROLES: tuple[str, ...] = ("admin", "publisher", "worker", "monitor", "console")
 DEFAULT_USER_PREFIX = "kit-"
 #: Secret file of a role's password, in the secrets directory.
 SECRET_FILE = "rabbitmq_{role}_password"
@@ -55,6 +59,7 @@ TAGS: dict[str, list[str]] = {
     "publisher": [],
     "worker": [],
     "monitor": ["monitoring"],  # management API and UI read-only, for metrics
+    "console": [],  # AMQP only: the console shows the broker through the library, not the management API
 }
 
 NOTHING = "^$"
@@ -81,6 +86,12 @@ _CELERY_OWN = (_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX, _PIDBOX_REPLY, _PIDBOX_Q
 _BEAT_LEASE = _name(queues.BEAT_LEASE_QUEUE)
 _BEAT_STATE = _name(queues.BEAT_STATE_QUEUE)
 _BEAT_EXCHANGE = _name(queues.BEAT_STATE_EXCHANGE)
+# The dead-letter queues and, per queue, the lock of replay/purge/import and the record of its holder
+# (service.deadletters.lock): an exclusive queue, a record queue, and the exchange the records go through.
+_DEAD_LETTER_QUEUES = tuple(_name(n) for n in queues.DEAD_LETTER_QUEUE_NAMES)
+_DLQ_LOCKS = tuple(_name(queues.lock_queue_name(n)) for n in queues.DEAD_LETTER_QUEUE_NAMES)
+_DLQ_HOLDER_QUEUES = tuple(_name(holder_queue_name(n)) for n in queues.DEAD_LETTER_QUEUE_NAMES)
+_DLQ_HOLDER_EXCHANGE = _name(HOLDER_EXCHANGE)
 
 #: role -> the configure, write and read regexes of RabbitMQ's permissions.
 #: RabbitMQ checks: declare and delete need configure on the resource; publish
@@ -90,8 +101,9 @@ _BEAT_EXCHANGE = _name(queues.BEAT_STATE_EXCHANGE)
 #: A message TASK_EXCHANGE cannot route goes on to its alternate exchange
 #: (UNROUTABLE_EXCHANGE) without any check of the publisher's rights there
 #: (RabbitMQ 3.10.8, tests/test_security.py): write on TASK_EXCHANGE is all it
-#: takes, so no role but the admin gets a right on UNROUTABLE_EXCHANGE or
-#: UNROUTABLE_QUEUE (the admin's dlq tools read the queue and import into the exchange).
+#: takes, so no role but the admin gets a right on UNROUTABLE_EXCHANGE (the admin's
+#: dlq import publishes there), and only the admin and the console (list, replay) read
+#: UNROUTABLE_QUEUE.
 PERMISSIONS: dict[str, dict[str, str]] = {
     "admin": {"configure": ".*", "write": ".*", "read": ".*"},
     "publisher": {
@@ -118,6 +130,16 @@ PERMISSIONS: dict[str, dict[str, str]] = {
         "configure": _any_of(_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX, _PIDBOX_REPLY, _REPLY_QUEUES),
         "write": _any_of(_PIDBOX, _EVENT_QUEUES, _REPLY_QUEUES),
         "read": _any_of(_EVENT_EXCHANGE, _EVENT_QUEUES, _PIDBOX_REPLY, _REPLY_QUEUES),
+    },
+    "console": {
+        # Only the per-queue locks and their holder records (declare, delete): nothing of the topology.
+        "configure": _any_of(*_DLQ_LOCKS, *_DLQ_HOLDER_QUEUES, _DLQ_HOLDER_EXCHANGE),
+        # Replay (confirmed, to the task exchange; no events); the holder record: publish it, bind its queue.
+        # Not tasks.dead nor tasks.unroutable (no import), tasks.retry, celeryev or amq.default.
+        "write": _any_of(_name(queues.TASK_EXCHANGE), _DLQ_HOLDER_EXCHANGE, *_DLQ_HOLDER_QUEUES),
+        # The dead-letter queues (an unacked walk; ack what was replayed or purged); the holder
+        # records (purge, consume, basic.get; bind to their exchange). No work queue.
+        "read": _any_of(*_DEAD_LETTER_QUEUES, *_DLQ_HOLDER_QUEUES, _DLQ_HOLDER_EXCHANGE),
     },
 }
 

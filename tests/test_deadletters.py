@@ -14,6 +14,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -423,6 +424,13 @@ LIST_FILTERS = [
     (["-q", "default", "--limit", "3"], ["d1", "d2", "d3"]),
     (["--task", "webhooks.*", "--exception", "ConnectTimeout", "--since", "2026-03-02"], ["d2", "d6"]),
     (["--task", "no.such.task"], []),
+    # --search: text in the exception's message or class name, any case, no pattern characters.
+    (["--search", "CONNECTION unexpectedly"], ["u1"]),
+    (["--search", "timeout"], ["d1", "d2", "d6"]),  # ConnectTimeout, "connect timeout ..."
+    (["--search", "smtplib"], ["u1", "u2"]),  # the qualified class name
+    (["--search", "[invalid_request]"], ["d4"]),  # brackets are text, not a pattern
+    (["--search", "no such text anywhere"], []),
+    (["--search", "timeout", "--task", "webhooks.*", "--since", "2026-03-02"], ["d2", "d6"]),
 ]
 
 
@@ -556,6 +564,7 @@ REPLAYS = [
     (["-q", "default", "--id", letter_id("d6"), "--force"], ["d6"], [], 5, None),
     (["--to", "bulk", "--task", "webhooks.deliver", "--max-replays", "5"], ["d1", "d2", "d4", "d6"], [], 5, "bulk"),
     (["--queue", "bulk", "--to", "urgent"], ["b1"], [], 0, "urgent"),
+    (["--search", "AGAIN", "--force"], ["d6"], [], 8, None),
 ]
 
 
@@ -813,14 +822,22 @@ def test_a_second_replay_of_the_same_queue_is_refused(vhost, kit_env, topology, 
         second = run_cli(kit_env, "replay", "-q", "default")
         line = one_line_error(second)
         assert "another replay" in line and "'default.dead'" in line
+        # It names the holder: the OS user, host, pid and command of the first, and since when.
+        assert f"@{socket.gethostname()} pid {first.pid} (dlq replay) since 20" in line, line
         assert second.stdout == ""
-        # The library refuses other connections the same way.
+        # The library refuses other connections the same way, with the holder's record.
         conn = connect(load())
         try:
-            with pytest.raises(dl.QueueBusy, match="another replay"):
+            with pytest.raises(dl.QueueBusy, match="another replay") as refused:
                 dl.hold(conn, "default.dead")
+            assert refused.value.holder["pid"] == first.pid
+            assert refused.value.holder["holder"].endswith(f"pid {first.pid} (dlq replay)")
+            assert dl.holder_of(conn, "default.dead") == refused.value.holder
         finally:
             conn.release()
+        # list says who holds the queue whose letters it cannot see.
+        listed = ok(kit_env, "list", "-q", "default")
+        assert f"pid {first.pid} (dlq replay) since 20" in listed.stderr and "holds default.dead" in listed.stderr
         assert first.poll() is None
     finally:
         kill(first)
@@ -832,7 +849,13 @@ def test_a_purge_during_a_replay_is_refused(vhost, kit_env, topology, tmp_path):
     first = _replay_under_way(vhost, kit_env, tmp_path)
     try:
         purge = run_cli(kit_env, "purge", "-q", "default", "--yes")
-        assert "another replay" in one_line_error(purge)
+        assert f"pid {first.pid} (dlq replay)" in one_line_error(purge)
+        # An import into the queue waits for the replay too: it publishes nothing.
+        seed(vhost, [Spec("i1", "test.record", queue="urgent")])
+        archive = tmp_path / "one.jsonl"
+        ok(kit_env, "export", "-q", "urgent", "-o", str(archive))
+        imported = run_cli(kit_env, "import", str(archive), "-q", "default")
+        assert "another replay" in one_line_error(imported) and f"pid {first.pid}" in imported.stderr
     finally:
         kill(first)
     _finish_after_kill(vhost, kit_env)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import io
 import json
 import os
 import re
@@ -191,7 +192,7 @@ def test_definitions_hold_users_permissions_and_the_whole_topology(users):
     assert not any(password in text for password in users.passwords.values())  # hashes only
     tags = {u["name"]: u["tags"] for u in defs["users"]}
     assert tags == {users.name("admin"): ["administrator"], users.name("publisher"): [],
-                    users.name("worker"): [], users.name("monitor"): ["monitoring"]}
+                    users.name("worker"): [], users.name("monitor"): ["monitoring"], users.name("console"): []}
     assert "guest" not in {u["name"] for u in broker.definitions("kit", users.passwords)["users"]}
     # The broker now matches the code exactly (arguments included), though nobody declared anything.
     conn = connect(replace(load(), broker_url=users.vhost.url))
@@ -514,6 +515,199 @@ def test_monitor_user_cannot_publish_or_touch_the_queues(users, monkeypatch):
     assert users.vhost.depths(["default", "default.dead"]) == {"default": 0, "default.dead": 0}
 
 
+# -- console --------------------------------------------------------------------------
+
+
+def _seed_dead_letters(users: Users, labels: list[str]) -> list[str]:
+    """Dead letters in default.dead (as a worker writes them) and one unroutable task with the routing key of a
+    work queue, published as the admin; returns their ids (the unroutable one last)."""
+    from tests.test_deadletters import Spec
+
+    specs = [Spec(label, "test.record", exception="builtins.TimeoutError", message=f"timed out {label}")
+             for label in labels]
+    parked = Spec("parked", "test.record")
+    conn = users.vhost.connection()
+    try:
+        channel = conn.channel()
+        channel.confirm_select()
+        for spec, exchange in [*((s, queues.DEAD_LETTER_EXCHANGE) for s in specs),
+                               (parked, queues.UNROUTABLE_EXCHANGE)]:
+            channel.basic_publish_confirm(
+                amqp.Message(spec.body(), application_headers=spec.headers(), **spec.properties()),
+                exchange, "default", confirm_timeout=10)
+    finally:
+        conn.close()
+    assert users.vhost.depths(["default.dead", queues.UNROUTABLE_QUEUE]) == {
+        "default.dead": len(labels), queues.UNROUTABLE_QUEUE: 1}
+    return [s.id for s in (*specs, parked)]
+
+
+def test_console_user_browses_replays_purges_exports_and_holds_the_lock(users, monkeypatch, tmp_path):
+    """What the dead-letter console does, through the library, as kit-console."""
+    from service import deadletters as dl
+    from service.deadletters import Filters
+
+    monkeypatch.setenv("KIT_PUBLISH_TIMEOUT", "5")
+    first, second, third, parked = _seed_dead_letters(users, ["c1", "c2", "c3"])
+    settings = replace(load(), broker_url=users.url("console"))
+    conn, onlooker = connect(settings), connect(settings)
+    admin = connect(replace(load(), broker_url=users.vhost.url))
+    holder = "alice via the console (replay)"
+    try:
+        # The overview: depth and consumers of every queue, by passive declare (no right needed).
+        channel = conn.channel()
+        for name in (*queues.WORK_QUEUE_NAMES, *queues.DEAD_LETTER_QUEUE_NAMES):
+            channel.queue_declare(name, passive=True)
+        channel.close()
+        # List, show, search, stats, export: an unacked walk; nothing changes.
+        assert [d.id for d in dl.browse(conn, "default.dead")] == [first, second, third]
+        assert [d.id for d in dl.browse(conn, "default.dead", Filters(search="TIMED OUT c2"))] == [second]
+        assert dl.find(conn, queues.DEAD_LETTER_QUEUE_NAMES, parked).routing_key == "default"
+        assert dl.stats(conn, "default.dead")["count"] == 3
+        exported = io.StringIO()
+        assert dl.export(conn, "default.dead", Filters(), exported) == 3
+        # The lock and its holder record: a CLI (the admin) is refused, naming the console's user.
+        lock = dl.hold(conn, "default.dead", holder)
+        try:
+            assert dl.holder_of(onlooker, "default.dead")["holder"] == holder
+            with pytest.raises(dl.QueueBusy, match=re.escape(f"{holder} since ")):
+                dl.hold(admin, "default.dead", dl.process_holder("dlq replay"))
+        finally:
+            dl.release(lock, "default.dead")
+        # ... and the console is refused while the CLI holds it, naming the CLI.
+        lock = dl.hold(admin, "default.dead", "root@ops pid 1 (dlq purge)")
+        try:
+            with pytest.raises(dl.QueueBusy, match=re.escape("root@ops pid 1 (dlq purge) since ")):
+                dl.replay(conn, settings, "default.dead", Filters(), holder=holder)
+        finally:
+            dl.release(lock, "default.dead")
+        # Replay, confirmed, into the work queue; an unroutable task back to the work queue it named.
+        outcome = dl.replay(conn, settings, "default.dead", Filters(ids=(first,)), holder=holder)
+        assert [d.id for d in outcome.taken] == [first] and not outcome.failed
+        assert [d.id for d in dl.replay(conn, settings, queues.UNROUTABLE_QUEUE, Filters(), holder=holder).taken] == [
+            parked]
+        # Purge (what the console archives first is its own file).
+        assert [d.id for d in dl.purge(conn, "default.dead", Filters(ids=(second,)), holder=holder).taken] == [second]
+        # Import: the console may not write the dead-letter exchange; nothing was published, the lock is back.
+        archive = tmp_path / "export.jsonl"
+        archive.write_text(exported.getvalue())
+        with pytest.raises(PublishError, match="refused access"):
+            dl.import_records(conn, settings, dl.read_archive(archive), holder=holder)
+        assert not dl.is_busy(onlooker, "default.dead")
+    finally:
+        conn.release()
+        onlooker.release()
+        admin.release()
+    assert users.vhost.depths(["default", "default.dead", queues.UNROUTABLE_QUEUE]) == {
+        "default": 2, "default.dead": 1, queues.UNROUTABLE_QUEUE: 0}
+    assert [m.delivery_info["routing_key"] for m in users.vhost.drain("default")] == ["default", "default"]
+
+
+def test_console_user_cannot_consume_work_retry_import_or_configure(users):
+    from service.deadletters.lock import HOLDER_EXCHANGE, holder_queue_name
+
+    conn = users.connect("console")
+    record_queue = holder_queue_name("default.dead")
+    try:
+        for action in (
+            lambda ch: ch.basic_consume("default", callback=lambda m: None),  # no work queue
+            lambda ch: ch.basic_get("urgent"),
+            lambda ch: ch.queue_purge("bulk"),
+            lambda ch: ch.basic_get("tasks.wait.1s"),
+            publish_confirmed(queues.RETRY_EXCHANGE, "default", headers={queues.WAIT_HEADER: "1s"}),
+            publish_confirmed(queues.DEAD_LETTER_EXCHANGE, "default"),  # no import, no forged dead letters
+            publish_confirmed(queues.UNROUTABLE_EXCHANGE, "default"),
+            publish_confirmed("", "default.dead"),  # nor through the default exchange
+            publish_confirmed(queues.EVENT_EXCHANGE, "task.sent"),  # no events either
+            lambda ch: ch.queue_declare("mine", auto_delete=True),  # nothing but its locks and records
+            lambda ch: ch.queue_declare("default.dead.lock.other", exclusive=True),
+            lambda ch: ch.queue_declare("default.dead", durable=True, auto_delete=False,
+                                        arguments=dict(queues.DEAD_LETTER_QUEUES[1].arguments)),
+            lambda ch: ch.queue_delete("default.dead"),
+            lambda ch: ch.queue_delete("default"),
+            lambda ch: ch.exchange_declare("mine", "direct", durable=True, auto_delete=False),
+            lambda ch: ch.exchange_delete(queues.TASK_EXCHANGE),
+            lambda ch: ch.queue_bind(record_queue, queues.TASK_EXCHANGE, "default"),  # no copy of the tasks
+            lambda ch: ch.queue_bind("default.dead", HOLDER_EXCHANGE, "default.dead"),  # no letters that way
+            lambda ch: ch.queue_bind("default", HOLDER_EXCHANGE, "default"),
+        ):
+            refused(conn, action)
+        # The lock and its record, by hand: what the library does.
+        allowed(conn, lambda ch: ch.queue_declare("unroutable.dead.lock", exclusive=True, auto_delete=True))
+        allowed(conn, lambda ch: ch.exchange_declare(HOLDER_EXCHANGE, "direct", durable=True, auto_delete=False))
+        allowed(conn, publish_confirmed(queues.TASK_EXCHANGE, "bulk"))  # a replay
+    finally:
+        conn.close()
+    vname = quote(users.vhost.name, safe="")
+    assert users.http("console", "GET", f"/api/queues/{vname}")[0] == 401  # no management access
+    assert users.vhost.depths(["default", "bulk", "default.dead", "tasks.wait.1s"]) == {
+        "default": 0, "bulk": 1, "default.dead": 0, "tasks.wait.1s": 0}
+
+
+def test_every_right_of_the_console_is_needed_checked_with_a_throwaway_user(vhost, monkeypatch):
+    """Evidence for PERMISSIONS["console"]: without any one alternative of its regexes (those of
+    default.dead stand for the other dead-letter queues'), the lock, its record or a replay fails."""
+    from service import deadletters as dl
+    from service.deadletters import Filters
+    from service.topology import declare_on
+    from tests.test_deadletters import Spec
+
+    monkeypatch.setenv("KIT_PUBLISH_TIMEOUT", "3")
+    admin_settings = replace(load(), broker_url=vhost.url)
+    declare_on(admin_settings)
+    user, password = f"{vhost.name}-console", secrets.token_urlsafe(18)
+    management("PUT", f"/api/users/{quote(user, safe='')}", {"password": password, "tags": ""})
+    settings = replace(load(), broker_url=f"pyamqp://{user}:{quote(password, safe='')}@{AMQP_HOST}:{AMQP_PORT}/"
+                                          f"{vhost.name}")
+    full = broker.PERMISSIONS["console"]
+    spec = Spec("probe", "test.record")
+
+    def works() -> bool:
+        """The console's round: lock with a record others read, walk, replay. False at the first failure."""
+        seeder = vhost.connection()
+        try:
+            publish_confirmed(queues.DEAD_LETTER_EXCHANGE, "default", spec.body(), spec.headers())(seeder.channel())
+        finally:
+            seeder.close()
+        console, other = connect(settings), connect(admin_settings)
+        try:
+            lock = dl.hold(console, "default.dead", "probe")
+            named = (dl.holder_of(other, "default.dead") or {}).get("holder") == "probe"
+            dl.release(lock, "default.dead")
+            return named and len(dl.replay(console, settings, "default.dead", Filters(), holder="probe").taken) == 1
+        except (dl.DeadLetterError, amqp.exceptions.AMQPError):
+            return False
+        finally:
+            console.release()
+            other.release()
+            vhost.drain("default")
+            vhost.drain("default.dead")
+
+    def grant(permissions: dict[str, str]) -> None:
+        management("PUT", f"/api/permissions/{quote(vhost.name, safe='')}/{quote(user, safe='')}", permissions)
+
+    rounds = 0
+    try:
+        grant(full)
+        assert works()
+        for kind, regex in full.items():
+            alternatives = regex.removeprefix("^(").removesuffix(")$").split("|")
+            for dropped in alternatives:
+                if dropped.startswith(("urgent", "bulk", "unroutable")):
+                    continue  # as default.dead's
+                grant({**full, kind: _any_of_regexes([a for a in alternatives if a != dropped])})
+                assert not works(), f"{kind} {dropped} is not needed"
+                rounds += 1
+        assert rounds == 9  # configure: lock, record queue, exchange; write: tasks, exchange, record queue;
+        # read: dead-letter queue, record queue, exchange
+    finally:
+        _delete_users([user])
+
+
+def _any_of_regexes(alternatives: list[str]) -> str:
+    return "^(" + "|".join(alternatives) + ")$"
+
+
 def test_celery_exporter_works_as_the_monitor_user(users, kit_env, tmp_path):
     from tests.observability import EXPORTER_PYTHON, Exporter
 
@@ -615,7 +809,8 @@ def test_cli_writes_definitions_readable_by_their_owner_only(tmp_path):
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     defs = json.loads(out.read_text())
-    assert {u["name"] for u in defs["users"]} == {"kit-admin", "kit-publisher", "kit-worker", "kit-monitor"}
+    assert {u["name"] for u in defs["users"]} == {"kit-admin", "kit-publisher", "kit-worker", "kit-monitor",
+                                                  "kit-console"}
     for user in defs["users"]:
         assert broker.check_password(passwords[user["name"].removeprefix("kit-")], user["password_hash"])
     assert not any(p in out.read_text() for p in passwords.values())

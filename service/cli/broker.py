@@ -16,7 +16,7 @@ def broker() -> None:
     """Broker users, permissions and topology as RabbitMQ definitions (no guest user).
 
     Passwords are read from DIR/rabbitmq_<role>_password for the roles admin,
-    publisher, worker and monitor (see deploy/rabbitmq/README.md).
+    publisher, worker, monitor and console (see deploy/rabbitmq/README.md).
     """
 
 

@@ -46,6 +46,8 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--reason", "reasons", multiple=True, metavar="REASON",
                      help="kit-reason (retries-exhausted, permanent-error, ..., unroutable); repeatable."),
         click.option("--id", "ids", multiple=True, metavar="ID", help="Task id; repeatable."),
+        click.option("--search", default="", metavar="TEXT",
+                     help="Text in the exception's message or class name, any case (timeout finds TimeoutError)."),
         click.option("--since", callback=_moment, metavar="TIME",
                      help="Dead-lettered at or after: ISO 8601 (UTC if no zone) or an age (30m, 2h, 7d)."),
         click.option("--until", callback=_moment, metavar="TIME", help="Dead-lettered at or before (as --since)."),
@@ -58,7 +60,13 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _filters(kwargs: dict[str, Any]) -> Filters:
     return Filters(tasks=kwargs.pop("tasks"), exceptions=kwargs.pop("exceptions"), reasons=kwargs.pop("reasons"),
-                      ids=kwargs.pop("ids"), since=kwargs.pop("since"), until=kwargs.pop("until"))
+                   ids=kwargs.pop("ids"), since=kwargs.pop("since"), until=kwargs.pop("until"),
+                   search=kwargs.pop("search"))
+
+
+def _holder(command: str) -> str:
+    """Who takes a lock for ``dlq COMMAND``: the OS user, host, pid and command (``root@box pid 7 (dlq replay)``)."""
+    return dl.process_holder(f"dlq {command}")
 
 
 def _json(data: Any) -> None:
@@ -69,8 +77,9 @@ def _json(data: Any) -> None:
 def dlq() -> None:
     """Dead letters: what died and why; replay, purge, export and import them.
 
-    Listing and showing never change a queue. Replay and purge take a lock per
-    queue, republish or archive a message before removing it, and leave the
+    Listing and showing never change a queue. Replay, purge and import take a
+    lock per queue (one refused names who holds it and since when); replay and
+    purge republish or archive a message before removing it, and leave the
     messages they skip in place and in order.
     """
 
@@ -109,12 +118,13 @@ def list_(queue_names: tuple[str, ...], limit: int | None, as_json: bool, **kwar
     rows: list[dict[str, Any]] = []
     names = dl.resolve_queues(queue_names)
     with connected(load()) as conn:
-        busy = [name for name in names if dl.is_busy(conn, name)]
+        busy = {name: holder for name in names if (holder := dl.holder_of(conn, name)) is not None}
         for name in names:
             rows += [dict(letter.summary(), queue=name) for letter in dl.browse(conn, name, filters)]
     rows = rows[:limit] if limit else rows
     if as_json:
         _json(rows)
+        _warn_if_busy(busy)  # on standard error: the JSON stays whole
         return
     columns = ("queue", "position", "id", "task", "reason", "exception", "attempts", "replays", "source_queue",
                "routing_key", "died_at")
@@ -160,10 +170,11 @@ def show(letter_id: str, queue_names: tuple[str, ...], hide_args: bool, as_json:
     out.print("[bold]headers[/bold] " + escape(json.dumps(info["headers"], default=str, sort_keys=True)))
 
 
-def _warn_if_busy(names: list[str]) -> None:
-    if names:
-        click.echo(f"warning: a replay or purge is running on {', '.join(names)}; the messages it holds "
-                   "are not listed", err=True)
+def _warn_if_busy(busy: dict[str, dict[str, Any]]) -> None:
+    """One warning line per queue a replay, purge or import holds (its messages are invisible meanwhile)."""
+    for name, holder in busy.items():
+        click.echo(f"warning: {dl.holder_text(holder)} holds {name} (a replay, purge or import): the messages "
+                   "it holds are not listed", err=True)
 
 
 class _Reporter:
@@ -231,7 +242,7 @@ def replay(queue_names: tuple[str, ...], limit: int | None, to_queue: str | None
             with _Reporter(total, f"replaying {name}") as reporter:
                 outcome = dl.replay(conn, settings, name, filters, to=to_queue, limit=remaining, rate=rate,
                                     max_replays=budget, force=force, dry_run=dry_run, batch=batch,
-                                    progress=reporter)
+                                    progress=reporter, holder=_holder("replay"))
             for key, value in outcome.counts().items():
                 totals[key] += value
             for letter in outcome.taken:
@@ -283,7 +294,7 @@ def purge(queue_names: tuple[str, ...], limit: int | None, archive: Path | None,
         held = []
         try:
             for name in names:  # lock first, so the count is what will be purged
-                held.append((dl.hold(conn, name), name))
+                held.append((dl.hold(conn, name, _holder("purge")), name))
             matching = sum(len(dl.browse(conn, name, filters)) for name in names)
             _purge_locked(conn, names, filters, limit, archive, yes, matching)
         finally:
@@ -315,7 +326,7 @@ def _purge_locked(conn: Any, names: list[str], filters: Filters, limit: int | No
             remaining = None if limit is None else limit - totals["taken"]
             if remaining is not None and remaining <= 0:
                 break
-            outcome = dl.purge(conn, name, filters, limit=remaining, archive=stream)
+            outcome = dl.purge(conn, name, filters, limit=remaining, archive=stream, holder=_holder("purge"))
             totals["taken"] += len(outcome.taken)
             totals["skipped"] += outcome.skipped
     finally:
@@ -360,5 +371,5 @@ def import_(archive: Path, queue_name: str | None) -> None:
     target = dl.resolve_queues([queue_name])[0] if queue_name else None
     records = read_archive(archive)
     with connected(settings) as conn:
-        count = dl.import_records(conn, settings, records, target)
+        count = dl.import_records(conn, settings, records, target, holder=_holder("import"))
     click.echo(f"imported {count} dead letter(s) from {archive}")

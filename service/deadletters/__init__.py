@@ -3,8 +3,9 @@
 What lives here: ``letter`` (the ``DeadLetter`` model and the codec of its AMQP
 values), ``filters`` (which dead letters an operation takes), ``archive`` (the
 JSON Lines format of export, import and purge --archive), ``reader`` (the
-unacked walk over a queue and the per-queue lock) and ``operations`` (what the
-``dlq`` commands do). Import the names below from ``service.deadletters``.
+unacked walk over a queue), ``lock`` (the per-queue lock of replay, purge and
+import, and the record of who holds it) and ``operations`` (what the ``dlq``
+commands do). Import the names below from ``service.deadletters``.
 
 May import: ``service.queues``, ``service.headers``, ``service.errors``,
 ``service.settings``, ``service.publishing`` (confirmed republishing). Never the
@@ -13,7 +14,7 @@ not import this package.
 """
 
 from service.deadletters.archive import EXPORT_FORMAT, export_record, read_archive
-from service.deadletters.filters import Filters, parse_moment
+from service.deadletters.filters import Filters, Matchable, parse_moment
 from service.deadletters.letter import (
     REASON_UNROUTABLE,
     DeadLetter,
@@ -23,6 +24,17 @@ from service.deadletters.letter import (
     resolve_queues,
     to_jsonable,
     work_queue_of,
+)
+from service.deadletters.lock import (
+    HOLDER_EXCHANGE,
+    QueueBusy,
+    hold,
+    holder_of,
+    holder_queue_name,
+    holder_text,
+    is_busy,
+    process_holder,
+    release,
 )
 from service.deadletters.operations import (
     BATCH,
@@ -36,12 +48,14 @@ from service.deadletters.operations import (
     replay,
     replayed_message,
     stats,
+    summarize,
 )
-from service.deadletters.reader import QueueBusy, Walk, hold, is_busy, release
+from service.deadletters.reader import Walk
 
 __all__ = [
-    "BATCH", "EXPORT_FORMAT", "REASON_UNROUTABLE", "REPLAY_BATCH", "DeadLetter", "DeadLetterError", "Filters",
-    "Outcome", "QueueBusy", "Walk", "as_utc", "browse", "export", "export_record", "find", "from_jsonable", "hold",
-    "import_records", "is_busy", "parse_moment", "purge", "read_archive", "release", "replay", "replayed_message",
-    "resolve_queues", "stats", "to_jsonable", "work_queue_of",
+    "BATCH", "EXPORT_FORMAT", "HOLDER_EXCHANGE", "REASON_UNROUTABLE", "REPLAY_BATCH", "DeadLetter", "DeadLetterError",
+    "Filters", "Matchable", "Outcome", "QueueBusy", "Walk", "as_utc", "browse", "export", "export_record", "find",
+    "from_jsonable", "hold", "holder_of", "holder_queue_name", "holder_text", "import_records", "is_busy",
+    "parse_moment", "process_holder", "purge", "read_archive", "release", "replay", "replayed_message",
+    "resolve_queues", "stats", "summarize", "to_jsonable", "work_queue_of",
 ]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
-from service.deadletters.letter import DeadLetter, DeadLetterError, as_utc
+from service.deadletters.letter import DeadLetterError, as_utc
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -29,12 +30,34 @@ def parse_moment(text: str, now: datetime | None = None) -> datetime:
         ) from None
 
 
+class Matchable(Protocol):
+    """What ``Filters.match`` reads of a dead letter: a ``DeadLetter``, or any row with these attributes."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def task(self) -> str: ...
+    @property
+    def exception_type(self) -> str: ...
+    @property
+    def exception_message(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def died_at(self) -> datetime | None: ...
+
+
 @dataclass(frozen=True)
 class Filters:
-    """Which dead letters an operation takes. Empty fields match everything.
+    """Which dead letters an operation takes. Empty fields match everything; given ones must all match.
 
-    ``task`` and ``exception`` accept shell-style patterns (``emails.*``,
-    ``*Timeout*``); ``exception`` matches the qualified or the short class name.
+    ``tasks`` and ``exceptions`` accept shell-style patterns (``emails.*``,
+    ``*Timeout*``); ``exceptions`` matches the qualified or the short class name.
+    ``search`` is text, any case, found anywhere in the exception's message or
+    in its qualified class name: ``timeout`` finds ``TimeoutError`` and "read
+    timeout after 5 s" alike (surrounding blanks ignored; empty: no search).
+    ``ids`` may hold thousands of task ids: each letter is looked up in a set.
+    The tuple fields take any iterable and keep it as a tuple.
     """
 
     tasks: tuple[str, ...] = ()
@@ -43,10 +66,19 @@ class Filters:
     ids: tuple[str, ...] = ()
     since: datetime | None = None
     until: datetime | None = None
+    search: str = ""
+    _ids: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+    _needle: str = field(init=False, repr=False, compare=False, default="")
 
-    def match(self, letter: DeadLetter) -> bool:
+    def __post_init__(self) -> None:
+        for name in ("tasks", "exceptions", "reasons", "ids"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "_ids", frozenset(self.ids))
+        object.__setattr__(self, "_needle", (self.search or "").strip().casefold())
+
+    def match(self, letter: Matchable) -> bool:
         """True when ``letter`` passes every filter given."""
-        if self.ids and letter.id not in self.ids:
+        if self._ids and letter.id not in self._ids:
             return False
         if self.tasks and not any(fnmatch.fnmatchcase(letter.task, p) for p in self.tasks):
             return False
@@ -56,6 +88,9 @@ class Filters:
             if not any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(short, p) for p in self.exceptions):
                 return False
         if self.reasons and letter.reason not in self.reasons:
+            return False
+        if self._needle and (self._needle not in (letter.exception_message or "").casefold()
+                             and self._needle not in (letter.exception_type or "").casefold()):
             return False
         if self.since or self.until:
             died = letter.died_at

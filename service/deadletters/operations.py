@@ -5,7 +5,8 @@ archive file (purge --archive), and only acked once the broker confirmed it /
 the file was synced. Killing the process at any moment therefore loses
 nothing: unacked messages return to the queue (``reader.Walk``), and at worst
 one message that was already republished is replayed again. Replay and purge
-hold the queue's lock (``reader.hold``) while they work.
+and import hold the queue's lock (``lock.hold``) while they work, recording
+who holds it (``holder``: free text; None names the process).
 
 A replay puts an unroutable message back on the work queue its routing key
 names, if that is one; the others need ``to=``.
@@ -22,7 +23,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -34,7 +35,8 @@ from service import queues
 from service.deadletters.archive import export_record
 from service.deadletters.filters import Filters
 from service.deadletters.letter import DeadLetter, DeadLetterError, work_queue_of
-from service.deadletters.reader import Walk, hold, release
+from service.deadletters.lock import hold, release
+from service.deadletters.reader import Walk
 from service.errors import KitError
 from service.publishing import ConfirmedChannel, Outgoing, republished_properties
 from service.settings import Settings
@@ -69,7 +71,12 @@ def find(conn: Connection, queue_names: Iterable[str], letter_id: str) -> DeadLe
 def stats(conn: Connection, queue: str) -> dict[str, Any]:
     """Count, oldest, newest and counts by task, exception and reason of one queue
     (of queues.UNROUTABLE_QUEUE also by routing key)."""
-    letters = browse(conn, queue)
+    return summarize(queue, browse(conn, queue))
+
+
+def summarize(queue: str, letters: Sequence[Any]) -> dict[str, Any]:
+    """``stats`` of letters read already: dead letters, or any rows with their ``task``,
+    ``exception_type``, ``reason``, ``died_at`` and ``routing_key``."""
     died = [d for d in (letter.died_at for letter in letters) if d]
     result = {
         "queue": queue,
@@ -183,6 +190,7 @@ def replay(
     dry_run: bool = False,
     batch: int = REPLAY_BATCH,
     progress: Callable[[DeadLetter, str], None] | None = None,
+    holder: str | None = None,
 ) -> Outcome:
     """Put matching dead letters of ``queue`` back on their work queue (or ``to``).
 
@@ -192,6 +200,7 @@ def replay(
     message whose routing key is no work queue has nowhere to go back to: without
     ``to`` it is refused (``Outcome.homeless``). With ``dry_run`` nothing is
     published, acked or locked: the outcome lists what would be replayed.
+    Raises QueueBusy when another replay, purge or import holds ``queue``.
     """
     if to is not None:
         try:
@@ -199,8 +208,8 @@ def replay(
         except ValueError as exc:
             raise DeadLetterError(str(exc)) from None
     outcome = Outcome()
-    lock = None if dry_run else hold(conn, queue)
-    walk = Walk(conn, queue)
+    lock = None if dry_run else hold(conn, queue, holder)
+    walk = _walk_holding(conn, queue, lock)
     publisher = None if dry_run else ConfirmedChannel(settings)
     pacer = _Pacer(rate)
     window: list[DeadLetter] = []
@@ -283,12 +292,14 @@ def purge(
     limit: int | None = None,
     archive: TextIO | None = None,
     progress: Callable[[DeadLetter, str], None] | None = None,
+    holder: str | None = None,
 ) -> Outcome:
     """Delete matching dead letters of ``queue``; with ``archive``, each is written
-    (and the file synced) before it is deleted."""
+    (and the file synced) before it is deleted. Raises QueueBusy when another
+    replay, purge or import holds ``queue``."""
     outcome = Outcome()
-    lock = hold(conn, queue)
-    walk = Walk(conn, queue)
+    lock = hold(conn, queue, holder)
+    walk = _walk_holding(conn, queue, lock)
     batch: list[DeadLetter] = []
 
     def flush() -> None:
@@ -319,6 +330,17 @@ def purge(
     return outcome
 
 
+def _walk_holding(conn: Connection, queue: str, lock: amqp.Channel | None) -> Walk:
+    """A Walk of ``queue``; when it cannot start (no such queue), ``lock`` is given back first:
+    a long-lived connection (the console's) would otherwise keep it."""
+    try:
+        return Walk(conn, queue)
+    except BaseException:
+        if lock is not None:
+            release(lock, queue)
+        raise
+
+
 def _fsync(stream: TextIO) -> None:
     try:
         os.fsync(stream.fileno())
@@ -346,13 +368,18 @@ def export(conn: Connection, queue: str, filters: Filters, out: TextIO, *, limit
 
 
 def import_records(conn: Connection, settings: Settings, records: list[dict[str, Any]],
-                   queue: str | None = None) -> int:
+                   queue: str | None = None, *, holder: str | None = None) -> int:
     """Put archived dead letters back into their dead-letter queue (or ``queue``), confirmed.
 
-    Headers and body are kept exactly as exported.
+    Headers and body are kept exactly as exported. The lock of every queue it
+    imports into is held meanwhile; raises QueueBusy, importing nothing, when
+    another replay, purge or import holds one.
     """
+    locks: list[tuple[Any, str]] = []
     publisher = ConfirmedChannel(settings)
     try:
+        for target in sorted({queue or record["queue"] for record in records}):
+            locks.append((hold(conn, target, holder), target))
         outgoing = []
         for record in records:
             target = queue or record["queue"]
@@ -369,3 +396,5 @@ def import_records(conn: Connection, settings: Settings, records: list[dict[str,
         return publisher.publish_many(outgoing, window=BATCH)
     finally:
         publisher.close()
+        for channel, target in locks:
+            release(channel, target)

@@ -1,4 +1,4 @@
-"""Reading a queue without changing it, and the lock of replay, purge and import.
+"""Reading a queue without changing it.
 
 Every operation reads a dead-letter queue by consuming it WITHOUT acking
 (``Walk``). A message the operation does not take is held unacked until the
@@ -6,9 +6,8 @@ end and then returned; RabbitMQ puts requeued messages back at their original
 positions, so listing changes nothing, and a replay or purge leaves the
 messages it skips where they were, in their order.
 
-Two replays or purges of one queue cannot run at once: each holds an
-exclusive "lock" queue on its connection (released by the broker when the
-connection goes, also on kill -9); a second one is refused with ``QueueBusy``.
+Two replays, purges or imports of one queue cannot run at once: each holds
+the queue's lock (``service.deadletters.lock``) while it works.
 """
 
 from __future__ import annotations
@@ -18,17 +17,12 @@ from collections.abc import Iterator
 import amqp
 from kombu import Connection
 
-from service import queues
 from service.deadletters.letter import DeadLetter, DeadLetterError
 
 #: The largest prefetch count AMQP 0-9-1 can express (a short).
 MAX_PREFETCH = 65535
 #: What a quorum queue (RabbitMQ 3.10) delivers unacked to a consumer with no prefetch limit.
 QUORUM_UNLIMITED_CAP = 2000
-
-
-class QueueBusy(DeadLetterError):
-    """Another replay, purge or import holds the queue."""
 
 
 class Walk:
@@ -108,47 +102,3 @@ class Walk:
             self.channel.close()
         except Exception:  # noqa: BLE001 - a channel the broker closed has requeued them already
             pass
-
-
-
-def hold(conn: Connection, queue: str) -> amqp.Channel:
-    """Take ``queue``'s lock for the life of ``conn``: an exclusive queue that dies with the connection.
-
-    Give it back with ``release``; raises QueueBusy when another connection holds it.
-    """
-    channel = conn.channel()
-    try:
-        channel.queue_declare(queues.lock_queue_name(queue), exclusive=True, auto_delete=True)
-    except amqp.exceptions.ResourceLocked:
-        raise QueueBusy(
-            f"another replay, purge or import is working on {queue!r}; wait for it to finish "
-            "(its lock is released when it ends or its process dies)"
-        ) from None
-    return channel
-
-
-def is_busy(conn: Connection, queue: str) -> bool:
-    """True when a replay or purge (on another connection) holds ``queue``."""
-    channel = conn.channel()
-    try:
-        channel.queue_declare(queues.lock_queue_name(queue), passive=True)
-    except amqp.exceptions.ResourceLocked:
-        return True
-    except amqp.exceptions.NotFound:
-        return False
-    finally:
-        try:
-            channel.close()
-        except Exception:  # noqa: BLE001 - the broker closed it already
-            pass
-    return False
-
-
-def release(channel: amqp.Channel, queue: str) -> None:
-    """Give back a lock taken with ``hold`` (the broker also does when the connection closes)."""
-    try:
-        channel.queue_delete(queues.lock_queue_name(queue))
-        channel.close()
-    except Exception:  # noqa: BLE001 - a lost connection has released the lock already
-        pass
-

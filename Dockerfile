@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Images of docker-compose.yml, from the pinned dependencies:
 #   target kit       workers, beat, Flower, demo traffic, broker-definitions
-#                    (python -m service ..., python -m celery -A service.app flower)
+#                    (python -m service ..., python -m service flower: Flower behind its login)
 #   target exporter  danihodovic/celery-exporter (deploy/exporter/requirements.txt)
 #                    in a virtual environment of its own: it pins prometheus-client<0.22
 # Both run as the unprivileged user kit (10001). Build: docker compose build.
@@ -40,5 +40,5 @@ RUN pip install --no-deps . \
  && install -d -o kit -g kit /var/lib/kit /var/lib/kit/reports \
  && install -d -o 999 -g 999 /var/lib/rabbitmq-definitions
 USER kit
-EXPOSE 9810 9811 5555
+EXPOSE 9810 9811 5555 5580 8000
 CMD ["python", "-m", "service", "--help"]

@@ -2,10 +2,13 @@
 # Create the secret files that docker-compose.yml mounts under /run/secrets
 # (and that `python -m service stack up` uses for the local stack):
 #
-#   rabbitmq_{admin,publisher,worker,monitor}_password   random, one broker user per role
+#   rabbitmq_{admin,publisher,worker,monitor,console}_password
+#                                                         random, one broker user per role
 #   rabbitmq_erlang_cookie                               random, the Erlang cookie the nodes of the
 #                                                         3-node cluster share (docker-compose.cluster.yml)
 #   grafana_admin_password                               random, Grafana's admin
+#   flower_basic_auth                                    kit:<random>, Flower's login (user:password,
+#                                                         `python -m service flower`)
 #   alertmanager_{slack_api_url,smtp_password,           EMPTY: the receivers' secrets are
 #     pagerduty_routing_key,webhook_token}                site values you fill in
 #                                                         (deploy/alertmanager/README.md)
@@ -38,7 +41,8 @@ random_value() {
 
 created=()
 for name in rabbitmq_admin_password rabbitmq_publisher_password rabbitmq_worker_password \
-            rabbitmq_monitor_password rabbitmq_erlang_cookie grafana_admin_password; do
+            rabbitmq_monitor_password rabbitmq_console_password rabbitmq_erlang_cookie \
+            grafana_admin_password; do
     file="$dir/$name"
     if [ ! -s "$file" ]; then
         (umask 077; random_value > "$file")
@@ -46,6 +50,13 @@ for name in rabbitmq_admin_password rabbitmq_publisher_password rabbitmq_worker_
     fi
     chmod 0644 "$file"
 done
+# Flower's basic auth: one user:password line (the user is kit; log in with the file's password).
+file="$dir/flower_basic_auth"
+if [ ! -s "$file" ]; then
+    (umask 077; printf 'kit:%s\n' "$(random_value)" > "$file")
+    created+=("flower_basic_auth")
+fi
+chmod 0644 "$file"
 for name in alertmanager_slack_api_url alertmanager_smtp_password alertmanager_pagerduty_routing_key \
             alertmanager_webhook_token; do
     file="$dir/$name"

@@ -1,15 +1,19 @@
 """The Prometheus side: config, alert rules and their promtool unit tests, runbooks,
-and the time-scale override that drills use (service/monitoring/timescale.py).
+the dead-letter alerts' console links, and the time-scale override that drills use
+(service/monitoring/timescale.py).
 
-Needs promtool (Debian package ``prometheus``); no broker.
+Needs promtool and prometheus (Debian package ``prometheus``); no broker.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,8 @@ import yaml
 from service import queues
 from service.monitoring import timescale
 from service.stack.cluster import ClusterLayout
+from tests.helpers import spawn, wait_until
+from tests.observability import free_port, http_json
 
 REPO = Path(__file__).resolve().parent.parent
 PROM = REPO / "deploy" / "prometheus"
@@ -80,7 +86,7 @@ def test_promtool_test_rules() -> None:
 
 
 def test_target_files_are_valid_file_sd() -> None:
-    jobs = {"rabbitmq", "celery-exporter", "kit-workers", "alertmanager"}
+    jobs = {"rabbitmq", "celery-exporter", "kit-workers", "kit-web", "kit-console", "alertmanager"}
     for job in jobs:
         groups = json.loads((PROM / "targets" / f"{job}.json").read_text())
         assert groups and all(g["targets"] for g in groups), job
@@ -197,6 +203,127 @@ def test_cluster_alerts_stay_in_the_cluster_file() -> None:
     patterns = [re.compile(s.group(1)) for s in sources if s]
     assert any(p.fullmatch("BrokerDown") for p in patterns)
     assert [(n, p.pattern) for n in sorted(cluster) for p in patterns if p.fullmatch(n)] == []
+
+
+# --------------------------------------------------------------------------- the dead-letter console's links
+
+#: Alerts on dead letters -> the console filters their annotation sets (service/console/: /letters).
+CONSOLE_LINKS = {
+    "DeadLetterQueueGrowing": "/letters?queue={{ $labels.dead_letter_queue | urlquery }}",
+    "CeleryTasksUnroutable": "/letters?queue={{ $labels.queue | urlquery }}",
+    "CeleryTasksDeadLettered": "/letters?queue={{ $labels.queue | urlquery }}&reason={{ $labels.reason | urlquery }}",
+}
+CONSOLE_BASE = "{{ $externalLabels.console_url }}"
+
+
+def _alert_rules() -> dict[str, dict]:
+    return {rule["alert"]: rule for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"] if "alert" in rule}
+
+
+def test_dead_letter_alerts_link_the_console_on_their_queue_and_reason() -> None:
+    rules = _alert_rules()
+    with_link = {name for name, rule in rules.items() if "console" in rule.get("annotations", {})}
+    assert with_link == set(CONSOLE_LINKS), "exactly the dead-letter alerts link the console"
+    for name, path in CONSOLE_LINKS.items():
+        rule = rules[name]
+        assert rule["annotations"]["console"] == CONSOLE_BASE + path, name
+        assert re.search(r"\.dead|kit_dead_letters_total", rule["expr"]), f"{name} is no dead-letter alert"
+        # The labels it filters on are the alert's own: its expression names or makes them.
+        for label in re.findall(r"\$labels\.(\w+)", path):
+            assert label in rule["expr"], f"{name}: {label} is not a label of its expression"
+    # The base is the console_url external label, read from KIT_CONSOLE_URL (expand-external-labels).
+    external = yaml.safe_load(CONFIG.read_text())["global"]["external_labels"]
+    assert external["console_url"] == "${KIT_CONSOLE_URL}"
+
+
+def test_prometheus_scrapes_the_console() -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "kit-console"]
+    assert job["file_sd_configs"] == [{"files": ["targets/kit-console.json"]}]
+    assert "metrics_path" not in job, "the console serves /metrics, Prometheus' default"
+    web = next(j for j in config["scrape_configs"] if j["job_name"] == "kit-web")
+    assert set(job) == set(web), "scraped like kit-web"
+    assert json.loads((PROM / "targets" / "kit-console.json").read_text()) == [{"targets": ["127.0.0.1:5580"]}]
+
+
+class _Exporter:
+    """A loopback /metrics endpoint whose dead-letter counter and dead-letter queue grow on every scrape."""
+
+    def __init__(self) -> None:
+        scrapes = [0]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                scrapes[0] += 1
+                n = scrapes[0]
+                body = (f'kit_dead_letters_total{{queue="default",task="t",reason="retries-exhausted"}} {n}\n'
+                        f'rabbitmq_queue_messages_ready{{vhost="kit",queue="urgent.dead"}} {n}\n').encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def test_a_real_prometheus_fills_in_the_console_url_from_kit_console_url(tmp_path: Path) -> None:
+    """prometheus.yml as compose runs it (--enable-feature=expand-external-labels, KIT_CONSOLE_URL set):
+    the firing dead-letter alerts carry the whole console link."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["prometheus"]
+    flags = [f for f in compose["command"] if f.startswith("--enable-feature=")]
+    assert flags == ["--enable-feature=expand-external-labels"]
+    exporter = _Exporter()
+    console = "https://dlq.example.com:8443"
+    process = None
+    try:
+        # Only loopback targets of this test: nothing of a stack running on this machine is scraped or alerted.
+        config = timescale.write_drill_config(CONFIG, tmp_path / "prometheus", factor=0.02, targets={
+            "targets/rabbitmq.json": [{"targets": [exporter.address], "labels": {"kit_vhost": "kit"}}],
+            "targets/kit-workers.json": [{"targets": [exporter.address]}],
+            **{f"targets/{name}.json": [] for name in ("celery-exporter", "kit-web", "kit-console", "alertmanager")},
+        })
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KIT_")}
+        env["KIT_CONSOLE_URL"] = console
+        with (tmp_path / "prometheus.log").open("wb") as log:
+            process = spawn([shutil.which("prometheus") or "prometheus", f"--config.file={config}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                             *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+
+        def firing() -> dict[str, dict]:
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                alerts = http_json(f"{url}/api/v1/alerts")["data"]["alerts"]
+            except OSError:
+                return {}
+            return {a["labels"]["alertname"]: a for a in alerts if a["state"] == "firing"}
+
+        wait_until(lambda: {"CeleryTasksDeadLettered", "DeadLetterQueueGrowing"} <= set(firing()), 60,
+                   "the dead-letter alerts to fire", interval=0.5)
+        alerts = firing()
+        assert alerts["CeleryTasksDeadLettered"]["annotations"]["console"] == (
+            f"{console}/letters?queue=default&reason=retries-exhausted")
+        assert alerts["DeadLetterQueueGrowing"]["annotations"]["console"] == f"{console}/letters?queue=urgent.dead"
+        assert http_json(f"{url}/api/v1/status/config")["data"]["yaml"].count(f"console_url: {console}") == 1
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+        exporter.close()
 
 
 # --------------------------------------------------------------------------- timescale

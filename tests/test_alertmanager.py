@@ -187,7 +187,9 @@ class SmtpHandler:
         assert isinstance(message, EmailMessage)
         alertname, status = _from_title(str(message["Subject"]))
         plain = message.get_body(preferencelist=("plain",))
-        text = str(message["Subject"]) + "\n" + (plain.get_content() if plain else "")
+        html = message.get_body(preferencelist=("html",))
+        text = "\n".join([str(message["Subject"]), plain.get_content() if plain else "",
+                          html.get_content() if html else ""])
         headers = {"To": str(message["To"]), "From": str(message["From"]), "X-Auth-Login": str(session.auth_data)}
         self.inbox.add(Delivery("email", alertname, status, text, headers, body=envelope.rcpt_tos))
         return "250 OK"
@@ -361,7 +363,8 @@ def _names(*suffixes: str) -> dict[str, str]:
     return {suffix: prefix + suffix for suffix in suffixes}
 
 
-def _alert(alertname: str, cluster: str, ends: bool = False, **labels: str) -> dict[str, Any]:
+def _alert(alertname: str, cluster: str, ends: bool = False, console: str = "", **labels: str) -> dict[str, Any]:
+    """An alert as Prometheus posts it; ``console``: the console annotation of the dead-letter alerts."""
     now = datetime.now(UTC).isoformat()
     alert: dict[str, Any] = {
         "labels": {"alertname": alertname, "cluster": cluster, **labels},
@@ -369,6 +372,7 @@ def _alert(alertname: str, cluster: str, ends: bool = False, **labels: str) -> d
             "summary": f"{alertname} summary",
             "description": f"{alertname} description",
             "runbook_url": f"https://runbooks.example/{alertname}",
+            **({"console": console} if console else {}),
         },
         "generatorURL": "http://prometheus.example/graph",
     }
@@ -464,7 +468,8 @@ def test_critical_on_urgent_reaches_every_channel_then_resolves(stack: Stack) ->
     assert page.body["routing_key"] == stack.secrets["alertmanager_pagerduty_routing_key"]
     assert page.body["payload"]["severity"] == "critical"
     assert page.body["payload"]["custom_details"]["queue"] == "urgent"
-    assert {"href": f"https://runbooks.example/{name}", "text": "Runbook"} in page.body["links"]
+    assert page.body["links"] == [{"href": f"https://runbooks.example/{name}", "text": "Runbook"},
+                                  {"href": stack.url, "text": "Alertmanager"}], "no console link: not a dead letter"
     (hook,) = stack.inbox.find(name, "webhook")
     assert hook.headers["Authorization"] == "Bearer " + stack.secrets["alertmanager_webhook_token"]
     assert hook.body["groupLabels"] == {"alertname": name, "queue": "urgent"}
@@ -479,6 +484,24 @@ def test_critical_on_urgent_reaches_every_channel_then_resolves(stack: Stack) ->
     stack.wait_delivered(name, everything, status="resolved")
     assert stack.inbox.find(name, "pagerduty", "resolved")[0].body["event_action"] == "resolve"
     assert stack.inbox.find(name, "webhook", "resolved")[0].body["alerts"][0]["status"] == "resolved"
+
+
+def test_dead_letter_alerts_link_the_console_where_they_link_the_runbook(stack: Stack) -> None:
+    name = _names("DeadLetterQueueGrowing")["DeadLetterQueueGrowing"]
+    console = "https://dlq.example/letters?queue=urgent.dead&reason=retries-exhausted"
+    stack.post(_alert(name, _cluster(), console=console, severity="critical", queue="urgent"))
+    stack.wait_delivered(name, {"pagerduty", "slack", "webhook", "email"})
+    (slack,) = stack.inbox.find(name, "slack")
+    assert f"runbook: https://runbooks.example/{name}\nconsole: {console}\n" in slack.text, slack.text
+    (mail,) = stack.inbox.find(name, "email")
+    assert f"console: {console}" in mail.text, "the plain text part"
+    assert f'<a href="{console.replace("&", "&amp;")}">Dead-letter console</a>' in mail.text, "the HTML part"
+    (page,) = stack.inbox.find(name, "pagerduty")
+    assert page.body["links"] == [{"href": f"https://runbooks.example/{name}", "text": "Runbook"},
+                                  {"href": console, "text": "Dead-letter console"}]
+    assert page.body["payload"]["custom_details"]["console"] == console
+    (hook,) = stack.inbox.find(name, "webhook")
+    assert hook.body["alerts"][0]["annotations"]["console"] == console
 
 
 def test_warning_reaches_slack_email_webhook_but_pages_only_on_urgent(stack: Stack) -> None:

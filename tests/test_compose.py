@@ -36,8 +36,8 @@ CLUSTER = REPO / "docker-compose.cluster.yml"
 CLUSTER_NODES = {"rabbitmq": "rabbitmq-1", "rabbitmq-2": "rabbitmq-2", "rabbitmq-3": "rabbitmq-3"}
 HARD_TIME_LIMIT_DEFAULT = float(next(s.default for s in SETTINGS if s.name == "KIT_HARD_TIME_LIMIT"))
 #: Services that run until stopped (everything but the one-shot broker-definitions).
-LONG_RUNNING = ("rabbitmq", "redis", "worker-urgent", "worker-default-bulk", "beat", "web", "celery-exporter",
-                "prometheus", "alertmanager", "grafana", "flower", "demo")
+LONG_RUNNING = ("rabbitmq", "redis", "worker-urgent", "worker-default-bulk", "beat", "web", "console",
+                "celery-exporter", "prometheus", "alertmanager", "grafana", "flower", "demo")
 #: Long-running services without a health check, and why.
 NO_HEALTHCHECK = {
     "beat": "no endpoint; its schedule file is written only when it sends a task",
@@ -218,7 +218,7 @@ def test_no_guest_and_one_user_per_role(config: dict[str, Any]) -> None:
             assert env["KIT_BROKER_PASSWORD_FILE"] == f"/run/secrets/{broker.SECRET_FILE.format(role=role)}"
             assert {"source": broker.SECRET_FILE.format(role=role)} in service["secrets"], name
             users.add(role)
-    assert users == {"worker", "publisher", "monitor"}
+    assert users == {"worker", "publisher", "monitor", "console"}
     roles = {n: workers(config).get(n) for n in services(config)}
     for name, queue_names in roles.items():
         if queue_names:
@@ -449,8 +449,12 @@ def test_the_stack_uses_the_compose_environment(config: dict[str, Any], stack: l
             ours = component.env[key]
             if key == "KIT_BROKER_URL":
                 assert ours == value.replace("@rabbitmq:", "@127.0.0.1:"), component.name
+            elif key == "KIT_CONSOLE_URL":  # where people open the console: its port here
+                assert ours == value.replace("//localhost:", "//127.0.0.1:"), component.name
             elif key == "KIT_RESULT_BACKEND":
                 assert ours == value.replace("//redis:", "//127.0.0.1:"), component.name
+            elif value == "0.0.0.0":  # every interface: the stack's host
+                assert ours == "127.0.0.1", (component.name, key)
             elif value.startswith("/"):
                 assert Path(ours).is_relative_to(stack.state_dir), (component.name, key, ours)
             else:
@@ -470,6 +474,88 @@ def test_ports_move_with_the_offset_and_the_broker_stays(tmp_path: Path) -> None
     assert moved.management_url() == "http://127.0.0.1:15672"
     urls = moved.urls()
     assert urls["prometheus"] == "http://127.0.0.1:10090" and urls["rabbitmq"] == "http://127.0.0.1:15672"
+
+
+def test_the_console_listens_where_compose_publishes_it(config: dict[str, Any], raw: dict[str, Any]) -> None:
+    console = services(config)["console"]
+    assert command(console) == ["python", "-m", "service", "console"]
+    env = console["environment"]
+    assert env["KIT_BROKER_URL"] == "pyamqp://kit-console@rabbitmq:5672/kit"
+    assert env["KIT_BROKER_PASSWORD_FILE"] == "/run/secrets/rabbitmq_console_password"
+    assert {s["source"] for s in console["secrets"]} == {"rabbitmq_console_password"}
+    assert env["KIT_CONSOLE_HOST"] == "0.0.0.0"
+    port = int(env["KIT_CONSOLE_PORT"])
+    assert raw["services"]["console"]["ports"] == [f"127.0.0.1:{port}:{port}"], "the host's loopback only"
+    for name in ("KIT_CONSOLE_PORT", "KIT_CONSOLE_URL", "KIT_CONSOLE_USERS_FILE", "KIT_CONSOLE_ARCHIVE_DIR"):
+        parse(next(s for s in SETTINGS if s.name == name), env[name])  # the kit's own rules accept them
+    # Its users and purge archives survive a new container: a volume of their own.
+    state = next(v for v in console["volumes"] if v.split(":")[1] == "/var/lib/kit")
+    assert state.split(":")[0] == "console-state"
+    for name in ("KIT_CONSOLE_USERS_FILE", "KIT_CONSOLE_ARCHIVE_DIR"):
+        assert compose.path_under(env[name], "/var/lib/kit"), name
+    # The health check: /healthz (no login) on its port; the dead-letter links point at it by default.
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(console["healthcheck"]["test"])
+    default_url = raw["services"]["console"]["environment"]["KIT_CONSOLE_URL"]  # KIT_CONSOLE_URL unset
+    assert default_url == f"http://localhost:{port}"
+    assert raw["services"]["prometheus"]["environment"]["KIT_CONSOLE_URL"] == default_url
+    assert services(config)["prometheus"]["environment"]["KIT_CONSOLE_URL"] == env["KIT_CONSOLE_URL"]
+    assert "--enable-feature=expand-external-labels" in command(services(config)["prometheus"])
+    assert raw[local.LOCAL_KEY]["services"]["console"] == {"venv": ".venv"}
+
+
+def test_the_stack_runs_the_console_on_its_own_ports_and_files(tmp_path: Path) -> None:
+    moved = local.Stack(tmp_path / "state", local.Options(port_offset=1000), environ={"PATH": os.environ["PATH"]})
+    console = moved.component("console")
+    assert console.env["KIT_CONSOLE_HOST"] == "127.0.0.1" and console.env["KIT_CONSOLE_PORT"] == "6580"
+    assert console.env["KIT_CONSOLE_URL"] == "http://127.0.0.1:6580"
+    assert console.env["KIT_BROKER_URL"] == "pyamqp://kit-console@127.0.0.1:5672/kit"
+    assert console.env["KIT_BROKER_PASSWORD_FILE"] == str(moved.secrets_dir / "rabbitmq_console_password")
+    assert console.env["KIT_CONSOLE_USERS_FILE"] == str(moved.state_dir / "console_users")
+    assert console.env["KIT_CONSOLE_ARCHIVE_DIR"] == str(moved.state_dir / "console-archives")
+    assert console.probe is not None and console.probe.url == "http://127.0.0.1:6580/healthz"
+    assert moved.urls()["console"] == "http://127.0.0.1:6580"
+    # Prometheus' console_url: the console of this stack, unless the caller says where people reach it.
+    assert moved.component("prometheus").env["KIT_CONSOLE_URL"] == "http://127.0.0.1:6580"
+    proxied = local.Stack(tmp_path / "state", local.Options(port_offset=1000),
+                          environ={"PATH": os.environ["PATH"], "KIT_CONSOLE_URL": "https://dlq.example.com"})
+    for name in ("prometheus", "console"):
+        assert proxied.component(name).env["KIT_CONSOLE_URL"] == "https://dlq.example.com", name
+
+
+def test_stack_tells_how_to_add_the_first_console_operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.stack import lifecycle
+
+    monkeypatch.chdir(REPO)
+    made = local.Stack(tmp_path / "state", local.Options(), environ={"PATH": os.environ["PATH"]})
+    login = lifecycle.console_login(made)
+    assert login is not None and login.url == "http://127.0.0.1:5580" and login.operators == 0
+    users = made.state_dir / "console_users"
+    assert login.users_file == users
+    assert login.add_operator == (f"KIT_CONSOLE_USERS_FILE={users} .venv/bin/python -m service console "
+                                  "add-user NAME --role operator")
+    users.parent.mkdir(parents=True)
+    users.write_text("ann:viewer:scrypt$x\nbob:operator:scrypt$y\n")
+    assert lifecycle.console_login(made).operators == 1
+
+
+def test_flower_runs_behind_its_login(config: dict[str, Any], stack: local.Stack, tmp_path: Path) -> None:
+    from service.cli import flower as flower_cli
+
+    flower = services(config)["flower"]
+    argv = command(flower)
+    assert argv[:4] == ["python", "-m", "service", "flower"], "the kit's launcher, never bare celery flower"
+    assert not any("basic" in a.lower() or "auth" in a.lower() for a in argv), "no login on the command line"
+    assert flower["environment"]["KIT_FLOWER_AUTH_FILE"] == "/run/secrets/flower_basic_auth"
+    assert {"source": "flower_basic_auth"} in flower["secrets"]
+    # The health check needs no login (Flower exempts /healthcheck).
+    assert "http://127.0.0.1:5555/healthcheck" in " ".join(flower["healthcheck"]["test"])
+    local_flower = stack.component("flower")
+    assert local_flower.env["KIT_FLOWER_AUTH_FILE"] == str(stack.secrets_dir / "flower_basic_auth")
+    # make-secrets.sh writes a login that `python -m service flower` accepts.
+    target = tmp_path / "secrets"
+    assert_ok(run("bash", REPO / "scripts/make-secrets.sh", target))
+    login = flower_cli.read_login(str(target / "flower_basic_auth"))
+    assert re.fullmatch(r"kit:[0-9a-f]{48}", login), "user kit, a random password"
 
 
 def test_exporter_watches_every_work_and_dead_letter_queue(config: dict[str, Any]) -> None:

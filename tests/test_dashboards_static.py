@@ -1,4 +1,4 @@
-"""Dashboards as files: valid JSON, the provisioned datasource, runbook links that exist."""
+"""Dashboards as files: valid JSON, the provisioned datasource, runbook links that exist, console links."""
 
 from __future__ import annotations
 
@@ -79,3 +79,47 @@ def test_recorded_series_the_dashboards_read_are_recorded():
                 expr = re.sub(r'"[^"]*"', '""', target["expr"])  # not inside label values
                 for name in re.findall(r"(?<!\w)[A-Za-z_]\w*:[\w:]+", expr):
                     assert name in recorded, f"{path.name} / {panel['title']}: {name} is recorded by no rule"
+
+
+#: Series whose panels show dead letters, and so link the dead-letter console.
+DEAD_LETTER_SERIES = re.compile(r'kit_dead_letters_total|queue=~"\.\+\[\.\]dead"')
+#: The console's filtered list and the query parameters it takes (service/console/).
+CONSOLE_LIST = "${console_url:raw}/letters?"
+CONSOLE_PARAMETERS = {"queue", "reason"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_the_console_url_is_a_dashboard_variable(path: Path):
+    dashboard = json.loads(path.read_text())
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "console_url"]
+    assert variable["type"] in ("textbox", "constant")
+    assert variable["query"] == variable["current"]["value"] == "http://localhost:5580"
+    assert {"title": "Dead-letter console", "type": "link", "url": "${console_url:raw}/",
+            "targetBlank": True} in dashboard["links"]
+
+
+def test_dead_letter_panels_link_the_console_filtered_on_their_queue_and_reason():
+    panels = json.loads((REPO / "deploy/grafana/dashboards/celery-overview.json").read_text())["panels"]
+    linked = []
+    for panel in panels:
+        exprs = [t["expr"] for t in panel["targets"]]
+        if not any(DEAD_LETTER_SERIES.search(e) for e in exprs):
+            assert not panel["fieldConfig"]["defaults"].get("links"), panel["title"]
+            continue
+        (link,) = panel["fieldConfig"]["defaults"]["links"]
+        assert link["targetBlank"] is True, panel["title"]
+        grouped = {label.strip() for e in exprs for by in re.findall(r"\bby \(([^)]*)\)", e)
+                   for label in by.split(",")} - {"le"}
+        if not grouped:  # one number for every queue: the console's overview
+            assert link["url"] == "${console_url:raw}/", panel["title"]
+            linked.append((panel["title"], "/"))
+            continue
+        assert link["url"].startswith(CONSOLE_LIST), panel["title"]
+        query = dict(part.split("=", 1) for part in link["url"][len(CONSOLE_LIST):].split("&"))
+        assert set(query) == grouped & CONSOLE_PARAMETERS == grouped, (panel["title"], query, grouped)
+        for name, value in query.items():
+            assert value == f"${{__field.labels.{name}:percentencode}}", (panel["title"], name)
+        linked.append((panel["title"], "/letters?" + "&".join(sorted(query))))
+    assert sorted(linked) == [("Dead letters parked", "/"),
+                              ("Dead-letter inflow by reason (/s)", "/letters?queue&reason"),
+                              ("Dead-letter queue depth", "/letters?queue")]

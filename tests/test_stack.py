@@ -1,5 +1,6 @@
 """The README's run command, for real: `python -m service stack up --demo` on the
-shared RabbitMQ, then up again, status, Prometheus and the demo's metrics, down.
+shared RabbitMQ, then up again, status, Prometheus and the demo's metrics, the
+console's first operator and Flower's login, down.
 
 The stack gets a state directory, vhost, user prefix and port offset of its own,
 so it never meets another stack on this machine (a developer's, or the one the
@@ -8,13 +9,16 @@ README starts) and leaves nothing behind on the broker.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -45,7 +49,7 @@ from tests.observability import http_json
 #: `stack up` against the local broker.
 pytestmark = pytest.mark.broker
 
-JOBS = ("rabbitmq", "celery-exporter", "kit-workers", "kit-web")
+JOBS = ("rabbitmq", "celery-exporter", "kit-workers", "kit-web", "kit-console")
 
 
 def _free(port: int) -> bool:
@@ -101,6 +105,22 @@ class LocalStack:
         return jobs
 
 
+def http_status(url: str, login: str | None = None) -> int:
+    """The status of a GET (redirects not followed), with basic auth ``user:password`` when given."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    request = urllib.request.Request(url)
+    if login:
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def pids(output: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+pid (\d+)\s+(?:started|already running)$", output, re.M)}
 
@@ -137,8 +157,13 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
     first = pids(up.stdout)
     expected = [c.name for c in local.Stack(running.state_dir, local.Options(demo=True)).all_components()]
     assert sorted(first) == sorted(expected), up.stdout
-    for name in ("rabbitmq", "prometheus", "alertmanager", "flower", "web"):
+    for name in ("rabbitmq", "prometheus", "alertmanager", "flower", "web", "console"):
         assert re.search(rf"^{name}\s+http://127\.0\.0\.1:\d+$", up.stdout, re.M), f"no URL for {name}"
+    console = f"http://127.0.0.1:{5580 + running.offset}"
+    assert re.search(rf"^console\s+{re.escape(console)}$", up.stdout, re.M)
+    add_operator = re.search(r"^console users\s+none yet: add the first operator .*\n\s+(.+ --role operator)$",
+                             up.stdout, re.M)
+    assert add_operator, up.stdout
     assert re.search(r"^redis\s+redis://127\.0\.0\.1:\d+$", up.stdout, re.M), "no URL for redis"
     assert f"http://127.0.0.1:{9090 + running.offset}" in up.stdout
     print(f"\nstack up --demo: {time.monotonic() - started:.1f}s")
@@ -158,6 +183,30 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
         60, "stack status to report every component healthy")
     assert re.search(r"^queue urgent\s+ready \d+\s+consumers [1-9]", status.stdout, re.M), status.stdout
 
+    # The console: its health and metrics without a login, its lists only with one; the command
+    # `up` printed adds the first operator to the console's own users file.
+    assert http_status(f"{console}/healthz") == 200
+    assert http_status(f"{console}/letters?queue=default.dead") in (303, 401), "the list needs a login"
+    argv = shlex.split(add_operator.group(1).replace(" NAME ", " first-op "))
+    assignments = dict(a.split("=", 1) for a in argv if re.fullmatch(r"[A-Z_]+=.*", a))
+    assert set(assignments) == {"KIT_CONSOLE_USERS_FILE"}
+    assert Path(assignments["KIT_CONSOLE_USERS_FILE"]).is_relative_to(running.state_dir)
+    added = subprocess.run([*argv[len(assignments):], "--password-stdin"], cwd=REPO,
+                           env={**running.env, **assignments}, input="an operator's password\n",
+                           capture_output=True, text=True, timeout=60)
+    assert added.returncode == 0, added.stdout + added.stderr
+    status = running.cli("status", timeout=60)
+    assert re.search(r"^console users\s+1 operator\(s\) in ", status.stdout, re.M), status.stdout
+
+    # Flower: its API only with the login of the stack's flower_basic_auth secret.
+    flower = f"http://127.0.0.1:{5555 + running.offset}"
+    login = (running.state_dir / "secrets" / "flower_basic_auth").read_text().strip()
+    assert re.search(rf"^log in to Flower as\s+user:password in {re.escape(str(running.state_dir))}", up.stdout,
+                     re.M), up.stdout
+    assert http_status(f"{flower}/api/workers") == 401
+    assert http_status(f"{flower}/api/workers", login) == 200
+    assert http_status(f"{flower}/healthcheck") == 200
+
     # Prometheus scrapes every target of the stack ...
     wait_until(lambda: all(running.targets().get(job) and set(running.targets()[job]) == {"up"} for job in JOBS),
                60, "every Prometheus target up", interval=1)
@@ -169,6 +218,9 @@ def test_up_down_and_everything_in_between(running: LocalStack) -> None:
                or running.query(f'sum(rabbitmq_queue_messages_ready{{vhost="{vhost}",queue=~".*\\\\.dead"}})') > 0,
                90, "dead letters", interval=2)
     assert running.query(f'count(rabbitmq_queue_messages_ready{{vhost="{vhost}"}})') > 0
+    # The dead-letter alerts link this stack's console (the console_url external label).
+    config = http_json(f"{running.prometheus}/api/v1/status/config")["data"]["yaml"]
+    assert f"console_url: {console}" in config, config
     print(f"targets up and demo traffic in the metrics after {time.monotonic() - started:.1f}s")
 
     # Down stops only what up started: not a process of ours, not even one with a recycled pid file.

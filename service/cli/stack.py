@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from service.broker import ROLES
 from service.cli.base import EXIT_FAILED, friendly_errors
 from service.settings import load
 
@@ -19,9 +20,10 @@ def stack() -> None:
     """Run docker-compose.yml's services on this machine without Docker.
 
     The same commands, flags, environment and config files as docker-compose.yml
-    (see service/stack/): workers, beat, celery-exporter, Prometheus,
-    Alertmanager, Flower, and with --demo a steady mix of demo tasks. RabbitMQ is
-    Debian's (scripts/broker.sh); KIT_STATE_DIR holds pids, logs, data and secrets.
+    (see service/stack/): workers, beat, the web service, the dead-letter console,
+    celery-exporter, Prometheus, Alertmanager, Flower, and with --demo a steady mix
+    of demo tasks. RabbitMQ is Debian's (scripts/broker.sh); KIT_STATE_DIR holds
+    pids, logs, data and secrets.
     """
 
 
@@ -35,10 +37,21 @@ def _show_health(name: str, pid: int | None, healthy: bool, detail: str) -> None
 
 
 def _show_urls(current: Stack) -> None:
+    from service.stack import lifecycle
+
     for name, url in current.urls().items():
         click.echo(f"{name:22} {url}")
     click.echo(f"{'log in to RabbitMQ as':22} {current.user('admin')} "
                f"(password in {current.secrets_dir / 'rabbitmq_admin_password'})")
+    if "flower" in current.local_services:
+        click.echo(f"{'log in to Flower as':22} user:password in {current.secrets_dir / 'flower_basic_auth'}")
+    console = lifecycle.console_login(current)
+    if console is not None:
+        if console.operators:
+            click.echo(f"{'console users':22} {console.operators} operator(s) in {console.users_file}; add one with:")
+        else:
+            click.echo(f"{'console users':22} none yet: add the first operator (it asks for the password) with:")
+        click.echo(f"{'':22} {console.add_operator}")
     click.echo(f"{'logs':22} {current.log_dir}")
 
 
@@ -81,9 +94,8 @@ def stack_up(demo: bool, port_offset: int | None, vhost: str | None, user_prefix
                 lifecycle.start_broker()
             admin_url = settings.broker_url
         admin = lifecycle.provision(current, admin_url)
-        click.echo(f"{'rabbitmq':22} vhost {current.vhost}: users {current.user('admin')}, "
-                   f"{current.user('publisher')}, {current.user('worker')}, {current.user('monitor')} "
-                   f"and the topology provisioned (as {admin})")
+        users = ", ".join(current.user(role) for role in ROLES)
+        click.echo(f"{'rabbitmq':22} vhost {current.vhost}: users {users} and the topology provisioned (as {admin})")
         for started in lifecycle.start_all(current):
             click.echo(f"{started.name:22} pid {started.pid:<7} {'started' if started.started else 'already running'}")
         click.echo(f"waiting up to {wait_seconds:g}s for the health checks ...")

@@ -7,14 +7,19 @@ vhost, users and topology (``provision``), writes the mapped config files and
 starts every component that is not running (``start_all``), then waits for
 their health checks (``wait_healthy``). ``down`` stops only what ``up``
 started. ``status`` reads the components' health and the broker's queue depths.
+``console_login`` says where the dead-letter console is and how to add its
+first operator.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kombu import Connection
 
@@ -27,6 +32,10 @@ from service.stack.model import REPO, Component, Options, Stack, StackError
 
 #: The broker's ports the stack needs: AMQP, the management API and the prometheus plugin.
 BROKER_PORTS = (5672, 15672, 15692)
+#: The compose service of the dead-letter console (service/console/).
+CONSOLE_SERVICE = "console"
+#: The console's role that may replay and purge (KIT_CONSOLE_USERS_FILE lines are name:role:hash).
+OPERATOR_ROLE = "operator"
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,40 @@ class StackStatus:
         """Components failing their health check, plus one for an unreachable broker and each node down."""
         failing = sum(not c.healthy for c in self.components if not c.optional_and_off)
         return failing + bool(self.broker_error) + sum(not running for *_, running in self.nodes)
+
+
+@dataclass(frozen=True)
+class ConsoleLogin:
+    """Where the stack's dead-letter console is, and how to add a user to it."""
+
+    url: str
+    #: KIT_CONSOLE_USERS_FILE of the stack's console.
+    users_file: Path
+    #: Operators in the users file (0: none yet, nobody can log in to replay or purge).
+    operators: int
+    #: The command that adds an operator (it asks for the password): NAME is the user's name.
+    add_operator: str
+
+
+def console_login(current: Stack) -> ConsoleLogin | None:
+    """The console's URL, users file and add-user command; None when the stack runs no console."""
+    if CONSOLE_SERVICE not in current.local_services:
+        return None
+    component = current.component(CONSOLE_SERVICE)
+    users_file = Path(component.env.get("KIT_CONSOLE_USERS_FILE", current.state_dir / "console_users"))
+    operators = 0
+    try:
+        for line in users_file.read_text(encoding="utf-8").splitlines():
+            if line.split(":")[1:2] == [OPERATOR_ROLE]:
+                operators += 1
+    except (OSError, UnicodeDecodeError):
+        pass
+    python = Path(component.argv[0])
+    shown = os.path.relpath(python) if python.is_relative_to(Path.cwd()) else str(python)
+    command = (f"KIT_CONSOLE_USERS_FILE={shlex.quote(str(users_file))} {shlex.quote(shown)} -m service console "
+               f"add-user NAME --role {OPERATOR_ROLE}")
+    url = current.urls().get(CONSOLE_SERVICE, "")
+    return ConsoleLogin(url, users_file, operators, command)
 
 
 def local_stack(settings: Settings, port_offset: int | None = None, vhost: str | None = None,

@@ -10,7 +10,10 @@ lists, with the same commands, mapped to one machine by a few fixed rules:
 - Every compose service name used as a host (``rabbitmq:5672``) and every
   all-interfaces address (``0.0.0.0``) becomes ``x-local-stack.host``. A
   service's own ports (``ports`` and ``expose``) move by ``--port-offset``
-  (default 0), so a second stack can run beside the first.
+  (default 0), so a second stack can run beside the first. This machine's
+  address at a port that compose publishes for another service
+  (``http://localhost:5580``, where people open the console) becomes that
+  service's port here.
 - Container paths become local paths: bind mounts of this repository map back
   to the repository (a mount nested in another one gets an overlay directory of
   symlinks), and the paths listed under ``x-local-stack.paths`` (named volumes,
@@ -37,7 +40,7 @@ reachable, and never stopped. With ``--cluster N`` it is a local cluster of N
 nodes (service.stack.cluster) that the stack starts and stops: every broker URL
 then lists every node, Prometheus scrapes each, and KIT_QUEUE_TYPE is quorum.
 
-Why this module is over 400 lines (about 470): every rule that maps one
+Why this module is over 400 lines (about 500): every rule that maps one
 compose service to this machine (hosts, ports, paths, URLs, the cluster's
 nodes, commands, health checks) is here, side by side, so the rules can be
 read against each other and against docker-compose.yml.
@@ -293,6 +296,14 @@ class Stack:
     def own_ports(self, service: str) -> dict[int, int]:
         return {p: self.local_port(service, p) for p in container_ports(self.services[service])}
 
+    def published_here(self) -> dict[int, int]:
+        """Host port compose publishes -> where it listens here, for the services this stack runs or uses."""
+        found: dict[int, int] = {}
+        for name in [*self.external, *self.local_services]:
+            for port, host_port in published_ports(self.services[name]).items():
+                found[host_port] = self.local_port(name, port)
+        return found
+
     def components(self, demo: bool | None = None) -> list[Component]:
         """The local processes, in start order; ``demo`` (default: the options') includes only-with --demo ones."""
         demo = self.options.demo if demo is None else demo
@@ -338,6 +349,7 @@ class Stack:
     def map_text(self, name: str, text: str) -> str:
         """Hosts, ports and container paths of ``text`` mapped for service ``name`` on this machine."""
         own = self.own_ports(name)
+        published = self.published_here()
 
         def host_port(m: re.Match[str]) -> str:
             host, port = m["host"], int(m["port"])
@@ -345,6 +357,8 @@ class Stack:
                 return f"{self.host}:{self.local_port(host, port)}"
             if host in _OWN_HOSTS and port in own:
                 return f"{self.host}:{own[port]}"
+            if host in _OWN_HOSTS and port in published:
+                return f"{self.host}:{published[port]}"
             return m.group(0)
 
         text = _HOST_PORT.sub(host_port, text)

@@ -20,8 +20,9 @@ class WebError(KitError):
     """The web service cannot start: its address cannot be bound."""
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host``:``port``; WebError saying why not."""
+def bind(host: str, port: int, service: str = "the web service", option: str = "--port / KIT_WEB_PORT"
+         ) -> socket.socket:
+    """A listening TCP socket on ``host``:``port``; WebError saying why not (naming ``service`` and ``option``)."""
     host = host.strip("[]")  # "[::1]" is the address ::1
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -31,8 +32,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise WebError(f"the web service cannot listen on {host}:{port} ({exc.strerror}); choose another "
-                       "--port / KIT_WEB_PORT, or stop what uses it") from None
+        raise WebError(f"{service} cannot listen on {host}:{port} ({exc.strerror}); choose another "
+                       f"{option}, or stop what uses it") from None
     return sock
 
 

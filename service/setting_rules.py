@@ -7,7 +7,7 @@ accepted. ``read_secret`` reads a password file (every password file of the kit
 is read through it). The table of settings is ``service.settings.SETTINGS``;
 this module imports nothing of the kit.
 
-Why this module is over 400 lines (about 420): each kind of value (URLs of the
+Why this module is over 400 lines (about 460): each kind of value (URLs of the
 broker, the result backend and Sentry, hosts, files, addresses, time zones)
 is one small checker, and they are kept side by side so every kind answers a
 bad value with the same one-line shape.
@@ -15,6 +15,7 @@ bad value with the same one-line shape.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -44,6 +45,9 @@ TIMEZONE = "timezone"  #: an IANA time zone name (UTC, Asia/Shanghai)
 HTTP_URL = "http-url"  #: an http:// or https:// URL with a host and no credentials
 NAME = "name"  #: one line of text, not empty
 RESULT_BACKEND_URL = "result-backend-url"  #: empty, or a Celery result backend URL (redis:// checked whole)
+OPTIONAL_HTTP_URL = "optional-http-url"  #: empty, or what HTTP_URL accepts
+HEADER = "header"  #: empty, or an HTTP header name (an RFC 9110 token)
+ADDRESSES = "addresses"  #: comma-separated IP addresses, may be empty
 
 #: Broker URL schemes the kit accepts.
 AMQP_SCHEMES = ("pyamqp", "amqps", "amqp")
@@ -146,6 +150,9 @@ _ACCEPTED: dict[str, Callable[[Setting], str]] = {
     NAME: lambda s: "one line of text, not empty",
     RESULT_BACKEND_URL: lambda s: "empty, or a Celery result backend URL such as redis://host:6379/0 "
                                   "(rediss:// with ?ssl_cert_reqs=required)",
+    OPTIONAL_HTTP_URL: lambda s: "empty, or an http:// or https:// URL with a host and no credentials",
+    HEADER: lambda s: "empty, or an HTTP header name such as X-Forwarded-User",
+    ADDRESSES: lambda s: "empty, or comma-separated IP addresses",
 }
 
 
@@ -346,6 +353,26 @@ def _parse_timezone(raw: str) -> str:
     return raw
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _parse_header(setting: Setting, raw: str) -> str:
+    if raw and not _HEADER_NAME.match(raw):
+        raise _Rejected("is not an HTTP header name")
+    return raw
+
+
+def _parse_addresses(setting: Setting, raw: str) -> str:
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            raise _Rejected(f"holds {item!r}, which is no IP address") from None
+    return raw
+
+
 _PARSERS: dict[str, Callable[[Setting, str], Any]] = {
     FLOAT: _parse_float,
     INT: _parse_int,
@@ -363,6 +390,9 @@ _PARSERS: dict[str, Callable[[Setting, str], Any]] = {
     HTTP_URL: _parse_http_url,
     NAME: _parse_name,
     RESULT_BACKEND_URL: _parse_result_backend,
+    OPTIONAL_HTTP_URL: lambda setting, raw: _parse_http_url(setting, raw) if raw else raw,
+    HEADER: _parse_header,
+    ADDRESSES: _parse_addresses,
 }
 
 

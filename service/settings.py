@@ -8,7 +8,7 @@ below (``python -m service config --markdown``), so the names, defaults,
 accepted ranges and descriptions live in exactly one place. The kinds of value
 and how each is checked are ``service.setting_rules`` (re-exported here).
 
-Why this module is over 400 lines (about 440): ``SETTINGS`` is the table of
+Why this module is over 400 lines (about 530): ``SETTINGS`` is the table of
 every setting with its description, which the README's table is generated
 from; the checks that span two settings sit right below it.
 """
@@ -24,6 +24,7 @@ from urllib.parse import quote, urlsplit
 
 from service.queues import DELIVERY_LIMIT, QUEUE_TYPES, WAIT_TIERS_S
 from service.setting_rules import (
+    ADDRESSES,
     AMQP_SCHEMES,
     BOOL,
     BROKER_URL,
@@ -32,11 +33,13 @@ from service.setting_rules import (
     EMAIL,
     FILE,
     FLOAT,
+    HEADER,
     HOST,
     HTTP_URL,
     INT,
     MODULES,
     NAME,
+    OPTIONAL_HTTP_URL,
     RESULT_BACKEND_URL,
     SENTRY_DSN,
     TEXT,
@@ -272,7 +275,7 @@ SETTINGS: tuple[Setting, ...] = (
             "written by `python -m service console add-user`; no user exists until one is added.", TEXT),
     Setting("KIT_CONSOLE_URL", "",
             "Where people reach the console (e.g. `https://dlq.example.com`): alert annotations and Grafana "
-            "link to it; empty: http://KIT_CONSOLE_HOST:KIT_CONSOLE_PORT.", TEXT),
+            "link to it; empty: http://KIT_CONSOLE_HOST:KIT_CONSOLE_PORT.", OPTIONAL_HTTP_URL),
     _seconds("KIT_CONSOLE_SESSION_TTL", "28800",
              "Seconds a console login lasts without use (sessions also end when the console restarts).",
              60, 7 * 86400),
@@ -282,9 +285,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KIT_CONSOLE_PROXY_USER_HEADER", "",
             "Trust this request header (e.g. `X-Forwarded-User`) as the logged-in user, from "
             "KIT_CONSOLE_TRUSTED_PROXIES only; empty (the default): the console's own login. The user's "
-            "role comes from KIT_CONSOLE_USERS_FILE; a user not listed there is a viewer.", TEXT),
+            "role comes from KIT_CONSOLE_USERS_FILE; a user not listed there is a viewer.", HEADER),
     Setting("KIT_CONSOLE_TRUSTED_PROXIES", "127.0.0.1,::1",
-            "Comma-separated addresses whose KIT_CONSOLE_PROXY_USER_HEADER is believed.", TEXT),
+            "Comma-separated addresses whose KIT_CONSOLE_PROXY_USER_HEADER is believed.", ADDRESSES),
     _seconds("KIT_CONSOLE_REFRESH", "15",
              "Seconds between the console's background reads of each dead-letter queue (overview and "
              "lists show that snapshot and its age; a queue whose count changed is read sooner).", 1, 3600),

@@ -350,11 +350,13 @@ def test_the_loop_never_stalls_while_publishes_wait_for_their_deadline(monkeypat
         lag, ended = run(main())
     finally:
         gc.enable()
-    assert lag < 0.05, f"the event loop stalled for {lag * 1000:.0f} ms"
+    # A blocking connect to the silent port would stall the loop for KIT_CONNECT_TIMEOUT (0.5 s); a bound of
+    # half that catches it and leaves room for a loaded machine's scheduling (two cores, a busy suite).
+    assert lag < 0.25, f"the event loop stalled for {lag * 1000:.0f} ms"
     for error, took in ended:
         assert type(error) is BrokerUnavailable, error
         assert "did not accept 1 message(s) within 1.5s" in str(error) and "guest:***@" in str(error)
-        assert 1.5 <= took < 2.0, took
+        assert 1.5 <= took < 2.5, took  # the deadline, plus a loaded machine's slack
 
 
 def test_one_default_publisher_per_event_loop_and_process(monkeypatch):

@@ -100,7 +100,7 @@ class Pages:
         self.page.wait_for_url(console.url + "/")
 
     def shot(self, name: str) -> None:
-        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+        tab_shot(self.page, name)
 
     def wait_for_count(self, queue: str, count: int) -> None:
         """Reload the overview until the snapshot of ``queue`` shows ``count`` letters."""
@@ -200,11 +200,44 @@ def test_viewer_sees_no_controls(browser: Any, console: ConsoleProcess, vhost: A
     assert page.locator("#show-arguments").count() == 0 and "operators can see them" in page.inner_text(
         "#arguments-hidden")
     tab.shot("letter-viewer")
+    # Forged from the viewer's own browser: its session cookie and its own CSRF token, still 403.
+    token = page.get_attribute("input[name=csrf_token]", "value")
+    forged = page.request.post("/replay/dry-run", form={"csrf_token": token, "queue": "default.dead"})
+    assert forged.status == 403 and "operator role" in forged.text()
+    assert page.request.post("/purge/preview", form={"csrf_token": token, "queue": "default.dead"}).status == 403
+    assert page.request.post("/refresh", form={"next": "/"}).status == 403  # no CSRF token
     response = page.goto("/replay?queue=default.dead")
     assert response is not None and response.status == 403
     assert "operator role" in page.inner_text("#error-message")
     tab.shot("forbidden")
     tab.close()
+
+
+def test_wrong_password_is_refused_then_rate_limited_in_the_browser(browser: Any, console: ConsoleProcess) -> None:
+    context = browser.new_context(base_url=console.url)
+    page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    for attempt in range(6):
+        page.goto("/login")
+        page.fill("input[name=username]", "olga")
+        page.fill("input[name=password]", "wrong-password-" + str(attempt))
+        page.click("button[type=submit]")
+        page.wait_for_selector("#login-error")
+        expected = "Wrong user name or password." if attempt < 5 else "Too many failed logins"
+        assert expected in page.inner_text("#login-error")
+        if attempt == 0:
+            tab_shot(page, "login-refused")
+    page.fill("input[name=username]", "olga")
+    page.fill("input[name=password]", console.passwords["olga"])
+    page.click("button[type=submit]")
+    page.wait_for_selector("#login-error")
+    assert "Too many failed logins" in page.inner_text("#login-error")  # even the right password, for now
+    context.close()
+
+
+def tab_shot(page: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
 def test_purge_writes_the_archive_first_and_import_restores_it_byte_for_byte(

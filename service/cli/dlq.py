@@ -95,7 +95,9 @@ def stats(queue_names: tuple[str, ...], as_json: bool) -> None:
     """
     names = dl.resolve_queues(queue_names)
     with connected(load()) as conn:
+        busy = {name: holder for name in names if (holder := dl.holder_of(conn, name)) is not None}
         results = [dl.stats(conn, name) for name in names]
+    _warn_if_busy(busy, "counted")  # on standard error: the JSON stays whole
     if as_json:
         _json(results)
         return
@@ -170,11 +172,12 @@ def show(letter_id: str, queue_names: tuple[str, ...], hide_args: bool, as_json:
     out.print("[bold]headers[/bold] " + escape(json.dumps(info["headers"], default=str, sort_keys=True)))
 
 
-def _warn_if_busy(busy: dict[str, dict[str, Any]]) -> None:
-    """One warning line per queue a replay, purge or import holds (its messages are invisible meanwhile)."""
+def _warn_if_busy(busy: dict[str, dict[str, Any]], what: str = "listed") -> None:
+    """One warning line per queue a replay, purge, import or the console's read holds (the messages it
+    holds are invisible meanwhile)."""
     for name, holder in busy.items():
-        click.echo(f"warning: {dl.holder_text(holder)} holds {name} (a replay, purge or import): the messages "
-                   "it holds are not listed", err=True)
+        click.echo(f"warning: {dl.holder_text(holder)} holds {name}: the messages it holds are not {what}",
+                   err=True)
 
 
 class _Reporter:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 
 from service.settings import Settings, load
-from service.web.server import GRACEFUL_SHUTDOWN_S, bind, url
+from service.web.server import bind, run, url
 
 
 def console_url(settings: Settings) -> str:
@@ -27,8 +27,6 @@ def _log_to_stderr(level: str) -> None:
 def serve(settings: Settings | None = None, host: str | None = None, port: int | None = None,
           on_listening: Callable[[str], None] | None = None) -> None:
     """Run the console until SIGINT/SIGTERM; ``on_listening(url)`` is called once the socket is bound."""
-    import uvicorn
-
     from service.console.app import create_app
 
     settings = settings or load()
@@ -39,6 +37,4 @@ def serve(settings: Settings | None = None, host: str | None = None, port: int |
     app = create_app(settings)
     if on_listening:
         on_listening(url(host, port))
-    config = uvicorn.Config(app, log_level=settings.log_level.lower(), lifespan="on", proxy_headers=False,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    run(app, sock, settings.log_level)

@@ -63,8 +63,15 @@ def browse(conn: Connection, queue: str, filters: Filters | None = None) -> list
 def find(conn: Connection, queue_names: Iterable[str], letter_id: str) -> DeadLetter:
     """The dead letter with ``letter_id`` in any of the queues. Raises DeadLetterError if none."""
     for queue in queue_names:
-        for letter in browse(conn, queue, Filters(ids=(letter_id,))):
-            return letter
+        walk = Walk(conn, queue)
+        letters = iter(walk)
+        try:
+            for letter in letters:  # stops at the first match; closing the walk returns the rest in place
+                if letter.id == letter_id:
+                    return letter
+        finally:
+            letters.close()  # cancels the consumer while the channel is open
+            walk.close()
     raise DeadLetterError(f"no dead letter with id {letter_id!r} in {', '.join(queue_names)}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from service.errors import KitError
 from service.settings import Settings, load
@@ -46,8 +47,6 @@ def url(host: str, port: int) -> str:
 def serve(settings: Settings | None = None, host: str | None = None, port: int | None = None,
           on_listening: Callable[[str], None] | None = None) -> None:
     """Run the web service until SIGINT/SIGTERM; ``on_listening(url)`` is called once the socket is bound."""
-    import uvicorn
-
     from service.web.app import create_app
 
     settings = settings or load()
@@ -57,6 +56,14 @@ def serve(settings: Settings | None = None, host: str | None = None, port: int |
     app = create_app(settings)
     if on_listening:
         on_listening(url(host, port))
-    config = uvicorn.Config(app, log_level=settings.log_level.lower(), lifespan="on", proxy_headers=False,
+    run(app, sock, settings.log_level)
+
+
+def run(app: Any, sock: socket.socket, log_level: str) -> None:
+    """Serve ``app`` on the bound ``sock`` with uvicorn until SIGINT/SIGTERM (no proxy headers, no server header;
+    running requests get GRACEFUL_SHUTDOWN_S to finish)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level.lower(), lifespan="on", proxy_headers=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, server_header=False)
     uvicorn.Server(config).run(sockets=[sock])

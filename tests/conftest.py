@@ -49,7 +49,9 @@ def cluster() -> Iterator[TestCluster]:
     """A real 3-node RabbitMQ cluster (started once for the run, on ports 5701-5703), ended with the run.
 
     A test that stops or kills a node must start it again before it ends
-    (``cluster.start_node``) and wait for ``cluster.wait_all_running()``.
+    (``cluster.restore()`` starts every node that is down at once and waits
+    until all run), and before its vhost is deleted: with a quorum member
+    down, deleting the vhost hangs for a minute.
     """
     started, guard = start_test_cluster()
     yield started

@@ -103,6 +103,10 @@ def test_pages_need_a_login_and_carry_the_security_headers(console: ConsoleProce
     assert "<script src=\"/static/console.js\"" in page.text and "http" not in page.text.split("<body>")[0].replace(
         'content="width', "")  # every asset from the console itself
     assert http.login("olga").headers["location"] == "/"
+    bad = http.client.get("/letters", params={"page": "abc"})
+    assert bad.status_code == 400 and "page" in bad.text and "text/html" in bad.headers["content-type"]
+    bad = http.client.get("/letters", params={"since": "yesterday-ish"})
+    assert bad.status_code == 400 and "cannot read the time" in bad.text
     # An open redirect is not possible through ?next=.
     form = http.client.get("/login?next=//evil.example/x")
     assert 'name="next" value="/"' in form.text

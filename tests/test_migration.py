@@ -321,8 +321,17 @@ def test_publishers_that_keep_running_lose_nothing(classic_deployment, kit_env, 
     homes = {"normal": {"default"}, "countdown": {"default"},
              "high": {"default", "default.high" if target == "quorum" else queues.UNROUTABLE_QUEUE}}
     queues_read = sorted(set().union(*homes.values()) | {queues.UNROUTABLE_QUEUE})
-    wait_until(lambda: vhost.depth("tasks.wait.1s") == 0 and sum(vhost.depths(queues_read).values()) > len(published),
-               30, "the countdowns to come back to default")
+    seen: dict[str, int] = {}
+
+    def back_home() -> bool:
+        seen.clear()
+        seen.update(vhost.depths([*queues_read, "tasks.wait.1s"]))
+        return seen["tasks.wait.1s"] == 0 and sum(seen[q] for q in queues_read) > len(published)
+
+    try:
+        wait_until(back_home, 60, "the countdowns to come back to default")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: depths {seen}, {len(published)} published during the migration") from None
     landed: Counter[tuple[str, str]] = Counter()
     for queue in queues_read:  # not browse: it reads at most 2,000 messages of a quorum queue
         landed.update((m.headers["id"], queue) for m in vhost.drain(queue) if m.headers["id"] in published)

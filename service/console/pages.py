@@ -20,6 +20,7 @@ from service import deadletters as dl
 from service import queues
 from service.console.auth import Identity
 from service.console.query import QueryError, Selection, read_selection
+from service.console.snapshot import ConsoleBusy
 from service.errors import KitError
 
 router = APIRouter()
@@ -108,6 +109,8 @@ def letter(request: Request, queue: str, letter_id: str, who: Who, arguments: in
                 found = dl.find(conn, [name], letter_id)
             finally:
                 conn.release()
+    except ConsoleBusy as exc:
+        return c.render(request, "error.html", 409, title="The queue is busy", message=str(exc))
     except KitError as exc:
         return c.render(request, "error.html", 404, title="No such dead letter", message=str(exc))
     info = found.details(show_args=bool(arguments))

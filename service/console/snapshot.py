@@ -43,6 +43,10 @@ EXCLUSIVE_WAIT_S = 120.0
 HOLDER = "the console's overview refresh (read only, a few seconds)"
 
 
+class ConsoleBusy(dl.DeadLetterError):
+    """The console's own read, replay or purge of a queue did not end in time."""
+
+
 @dataclass(slots=True)
 class Row:
     """One dead letter as lists show it. It has the attributes ``Filters.match`` reads."""
@@ -143,8 +147,8 @@ class Refresher:
     def exclusive(self, name: str, timeout: float = EXCLUSIVE_WAIT_S) -> Iterator[None]:
         """Keep the refresher off queue ``name`` (a console replay or purge runs); it is read again after."""
         if not self._locks[name].acquire(timeout=timeout):
-            raise dl.DeadLetterError(f"the console's read of {name!r} did not end within {timeout:.0f} s; "
-                                     "try again")
+            raise ConsoleBusy(f"the console is still reading {name!r} or running a replay or purge of it "
+                              f"(waited {timeout:.0f} s); try again when it has finished")
         try:
             yield
         finally:

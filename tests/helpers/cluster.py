@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -95,6 +96,27 @@ class TestCluster(LocalCluster):
         """Wait until every node runs in the cluster (after a restart)."""
         wait_until(lambda: len(self.running_nodes()) == len(self.nodes), timeout,
                    "every node of the test cluster to run", interval=1)
+
+    def start_nodes(self, nodes: list[Node]) -> None:
+        """Start several stopped or killed nodes at once (each boots in the time of one), and wait for each."""
+        if not nodes:
+            return
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            for started in [pool.submit(self.start_node, node) for node in nodes]:
+                started.result()  # a node that did not boot raises its ClusterError here
+
+    def stop_nodes(self, nodes: list[Node]) -> None:
+        """Stop several nodes cleanly at once, and wait until each VM has exited."""
+        if not nodes:
+            return
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            for stopped in [pool.submit(self.stop_node, node) for node in nodes]:
+                stopped.result()
+
+    def restore(self) -> None:
+        """Start again every node that does not run (all at once), and wait until all run in the cluster."""
+        self.start_nodes([node for node in self.nodes if not self.is_running(node)])
+        self.wait_all_running()
 
 
 def _guard(cluster: LocalCluster) -> subprocess.Popen[bytes]:

@@ -117,6 +117,12 @@ def create_app(settings: Settings | None = None, start_refresher: bool = True) -
                              for e in exc.errors())
         return console.render(request, "error.html", 400, title="Bad request", message=problems)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> Response:
+        logger.exception("console: %s %s failed", request.method, request.url.path)
+        return console.render(request, "error.html", 500, title="The console failed",
+                              message=f"{exc.__class__.__name__}: {exc}; the console's log has the details")
+
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, exc: Forbidden) -> Response:
         identity = getattr(request.state, "identity", None)

@@ -6,7 +6,7 @@
   A proxied user's role is the users file's, else viewer.
 - Every state-changing request is a POST that must carry the session's CSRF
   token (form field ``csrf_token``) and, when the browser sends one, an Origin
-  of the console itself; anything else is 403. The login form carries a token
+  of the console itself (the request's Host, or KIT_CONSOLE_URL's); anything else is 403. The login form carries a token
   of its own, bound to a cookie (double submit), as there is no session yet.
 """
 
@@ -81,6 +81,13 @@ class Authenticator:
         listed = read_users(self.settings.console_users_file).get(user)
         return listed.role if listed else VIEWER
 
+    def _own_hosts(self, request: Request) -> set[str]:
+        """The console's own host[:port]: the request's Host, and KIT_CONSOLE_URL's (a proxy may rewrite Host)."""
+        hosts = {request.headers.get("host", "")}
+        if self.settings.console_url:
+            hosts.add(urlsplit(self.settings.console_url).netloc)
+        return hosts
+
     def _proxied_user(self, request: Request) -> str | None:
         if not self.proxy_header or request.client is None or request.client.host not in self.trusted:
             return None
@@ -91,7 +98,7 @@ class Authenticator:
                    login_token: str | None = None) -> None:
         """Forbidden unless the POST carries the right CSRF token and no foreign Origin."""
         origin = request.headers.get("origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host", ""):
+        if origin and origin != "null" and urlsplit(origin).netloc not in self._own_hosts(request):
             raise Forbidden("the request comes from another site (Origin header)")
         if origin == "null":
             raise Forbidden("the request comes from an opaque origin")

@@ -57,6 +57,9 @@ ROUTING_TABLE = [
     ({"severity": "warning", "queue": "urgent"}, ["chatbot-webhook", "pagerduty", "slack", "email"]),
     ({"severity": "warning", "queue": "default"}, ["chatbot-webhook", "slack", "email"]),
     ({"severity": "warning", "queue": "urgent.dead"}, ["chatbot-webhook", "slack", "email"]),
+    # DeadLetterQueueGrowing's own labels for urgent.dead: the work queue, and the queue that grew.
+    ({"severity": "warning", "queue": "urgent", "dead_letter_queue": "urgent.dead"},
+     ["chatbot-webhook", "slack", "email"]),
     ({"severity": "warning", "hostname": "celery@w1"}, ["chatbot-webhook", "slack", "email"]),
     ({"severity": "info", "queue": "urgent"}, ["chatbot-webhook"]),
     ({"severity": "info"}, ["chatbot-webhook"]),

@@ -6,8 +6,9 @@ type and its length limit) and answers in the platform's own way: 200 with
 ``errcode``/``code`` 0 when accepted, 200 with the platform's error code when
 refused. Accepted messages are recorded with their arrival time; ``fail(n)``
 makes the next n posts fail (HTTP 500), ``fail_for(seconds)`` fails every post
-for a while. The signatures are checked with the platforms' documented example
-code (tests/test_relay_units.py pins it to fixed values), not with the relay's.
+for a while (both only posts containing a given text, when one is given).
+The signatures are checked with the platforms' documented example code
+(tests/test_relay_units.py pins it to fixed values), not with the relay's.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ class FakeBot:
         self.received: list[Received] = []
         self.refused: list[str] = []
         self.posts = 0
+        self.failed_posts = 0
         self._fail_next = 0
         self._fail_until = 0.0
+        self._fail_match = ""
         self._lock = threading.Lock()
         fake = self
 
@@ -102,13 +105,15 @@ class FakeBot:
 
     # -- failure injection --------------------------------------------------
 
-    def fail(self, times: int) -> None:
+    def fail(self, times: int, containing: str = "") -> None:
+        """Answer HTTP 500 to the next ``times`` posts (whose body contains ``containing``)."""
         with self._lock:
-            self._fail_next = times
+            self._fail_next, self._fail_match = times, containing
 
-    def fail_for(self, seconds: float) -> None:
+    def fail_for(self, seconds: float, containing: str = "") -> None:
+        """Answer HTTP 500 to every post (whose body contains ``containing``) for ``seconds``."""
         with self._lock:
-            self._fail_until = time.monotonic() + seconds
+            self._fail_until, self._fail_match = time.monotonic() + seconds, containing
 
     # -- what it got ----------------------------------------------------------
 
@@ -129,8 +134,10 @@ class FakeBot:
     def handle(self, path: str, raw: bytes) -> tuple[int, dict[str, Any]]:
         with self._lock:
             self.posts += 1
-            if self._fail_next > 0 or time.monotonic() < self._fail_until:
+            targeted = self._fail_match.encode() in raw
+            if targeted and (self._fail_next > 0 or time.monotonic() < self._fail_until):
                 self._fail_next = max(0, self._fail_next - 1)
+                self.failed_posts += 1
                 return 500, {"error": "injected failure"}
         parts = urllib.parse.urlsplit(path)
         query = dict(urllib.parse.parse_qsl(parts.query))

@@ -55,7 +55,7 @@ class Received:
     def text(self) -> str:
         """The message's text, whatever the platform."""
         markdown = self.body.get("markdown")
-        if markdown is not None:  # WeCom: content; DingTalk: title and text
+        if markdown is not None:  # WeCom bot and app: content; DingTalk: title and text
             return "\n".join(str(markdown.get(k, "")) for k in ("title", "content", "text"))
         card = self.body.get("card", {})  # Feishu: an interactive card
         parts = [card.get("header", {}).get("title", {}).get("content", "")]
@@ -190,6 +190,68 @@ class FakeBot:
         if len(json.dumps(body, ensure_ascii=False).encode()) > 20 * 1024:
             return self._refuse("length", {"code": 9499, "msg": "request body too large"})
         return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class FakeWecomApp:
+    """WeCom's application-message API as Alertmanager's wechat_configs use it.
+
+    ``GET /cgi-bin/gettoken?corpid=&corpsecret=`` gives an access token for the
+    right corp id and secret only; ``POST /cgi-bin/message/send?access_token=``
+    takes the message for the right token and records it.
+    """
+
+    def __init__(self, corp_id: str, secret: str) -> None:
+        self.corp_id, self.secret = corp_id, secret
+        self.access_token = "tok-" + base64.b32encode(secret.encode()).decode()[:16]
+        self.received: list[Received] = []
+        self.refused: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, answer: dict[str, Any]) -> None:
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                parts = urllib.parse.urlsplit(self.path)
+                query = dict(urllib.parse.parse_qsl(parts.query))
+                if (parts.path != "/cgi-bin/gettoken" or query.get("corpid") != fake.corp_id
+                        or query.get("corpsecret") != fake.secret):
+                    fake.refused.append("gettoken")
+                    self._answer({"errcode": 40001, "errmsg": "invalid credential"})
+                    return
+                self._answer({"errcode": 0, "errmsg": "ok", "access_token": fake.access_token, "expires_in": 7200})
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                parts = urllib.parse.urlsplit(self.path)
+                query = dict(urllib.parse.parse_qsl(parts.query))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if parts.path != "/cgi-bin/message/send" or query.get("access_token") != fake.access_token:
+                    fake.refused.append("send")
+                    self._answer({"errcode": 40014, "errmsg": "invalid access_token"})
+                    return
+                fake.received.append(Received(time.monotonic(), body))
+                self._answer({"errcode": 0, "errmsg": "ok", "invaliduser": ""})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.api_url = f"http://127.0.0.1:{self.server.server_address[1]}/cgi-bin/"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fake-wecom-app", daemon=True)
+        self.thread.start()
+
+    def messages(self, containing: str) -> list[Received]:
+        return [r for r in self.received if containing in r.text]
 
     def close(self) -> None:
         self.server.shutdown()

@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from service.monitoring import alertmanager_config, timescale
-from tests.chatbots import FakeBot
+from tests.chatbots import FakeBot, FakeWecomApp
 from tests.helpers import REPO, wait_until
 from tests.observability import Process, Prometheus, WebhookReceiver, free_port, http_json
 
@@ -87,6 +87,8 @@ class Drill:
             "feishu": FakeBot("feishu", uuid.uuid4().hex, uuid.uuid4().hex[:22]),
         }
         self.closers += self.bots.values()
+        self.wecom_app = FakeWecomApp("ww" + uuid.uuid4().hex[:16], uuid.uuid4().hex)  # WeCom app messages
+        self.closers.append(self.wecom_app)
         self.sink = WebhookReceiver()  # Slack and PagerDuty (not under test here)
         self.closers.append(self.sink)
         secrets = workdir / "secrets"
@@ -96,6 +98,7 @@ class Drill:
                             "alertmanager_pagerduty_routing_key": "drill", "alertmanager_smtp_password": "drill",
                             "alertmanager_webhook_token": self.token}.items():
             (secrets / name).write_text(value + "\n")
+        (workdir / "wecom_app_secret").write_text(self.wecom_app.secret + "\n")
         for kind, (_, secret_file) in BOTS.items():
             (secrets / secret_file).write_text(self.bots[kind].secret_file_text())
 
@@ -120,6 +123,9 @@ class Drill:
             workdir / "alertmanager.yml", secrets_dir=secrets, smtp_smarthost="127.0.0.1:9", smtp_require_tls=False,
             pagerduty_url=f"{self.sink.url}/pagerduty", webhook_url=f"{self.relay_url}/alertmanager",
             group_wait="1s", group_interval="1s",
+            wecom_app=alertmanager_config.WecomApp(self.wecom_app.corp_id, "1000002",
+                                                   str(workdir / "wecom_app_secret"), to_party="2",
+                                                   api_url=self.wecom_app.api_url),
         )
         self.alertmanager = Process("alertmanager", [
             "prometheus-alertmanager", f"--config.file={am_config}", f"--storage.path={workdir / 'am-data'}",
@@ -181,6 +187,10 @@ class Drill:
                               f"{text!r} at the fake {kind} bot", interval=0.05)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; refused: {bot.refused}; relay log:\n{self.relay.log()[-3000:]}") from None
+
+    @staticmethod
+    def arrival_at(messages: Any, text: str, timeout: float = DELIVERY_TIMEOUT) -> float:
+        return wait_until(lambda: next((m.at for m in messages(text)), None), timeout, f"{text!r}", interval=0.05)
 
     def relay_post(self, body: Any, token: str | None) -> int:
         request = urllib.request.Request(f"{self.relay_url}/alertmanager", data=json.dumps(body).encode(),
@@ -269,6 +279,14 @@ def test_drill_firing_and_resolution_reach_every_bot_in_its_format(drill: Drill)
     for kind in drill.bots:
         elapsed = drill.arrival(kind, f"**RESOLVED** {name}") - recovered
         print(f"DRILL {name} exporter back -> resolved at {kind} bot: {elapsed:.2f}s (a 1 s scrape included)")
+    # WeCom application messages: Alertmanager's own wechat_configs, to the app API's test server.
+    (app_message,) = drill.wecom_app.messages(f"[FIRING:1] {name}")
+    assert app_message.body["msgtype"] == "markdown" and app_message.body["agentid"] == "1000002"
+    assert app_message.body["toparty"] == "2"
+    assert f"{RUNBOOK_BASE}/docs/runbooks/celery-exporter-down.md" in app_message.text
+    print(f"DRILL {name} firing in Prometheus -> WeCom app: {app_message.at - fired:.2f}s")
+    drill.arrival_at(drill.wecom_app.messages, f"[RESOLVED] {name}")
+    assert not drill.wecom_app.refused
     (message,) = drill.bots["feishu"].messages(f"**RESOLVED** {name}")
     assert message.body["card"]["header"]["template"] == "green" and "resolved 20" in message.text
 

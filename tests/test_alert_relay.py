@@ -93,7 +93,7 @@ class Drill:
         self.closers.append(self.sink)
         secrets = workdir / "secrets"
         secrets.mkdir(mode=0o700)
-        self.token = "relay-" + uuid.uuid4().hex
+        self.token = f"relay-{uuid.uuid4().hex}"
         for name, value in {"alertmanager_slack_api_url": f"{self.sink.url}/slack",
                             "alertmanager_pagerduty_routing_key": "drill", "alertmanager_smtp_password": "drill",
                             "alertmanager_webhook_token": self.token}.items():

@@ -8,7 +8,7 @@ below (``python -m service config --markdown``), so the names, defaults,
 accepted ranges and descriptions live in exactly one place. The kinds of value
 and how each is checked are ``service.setting_rules`` (re-exported here).
 
-Why this module is over 400 lines (about 530): ``SETTINGS`` is the table of
+Why this module is over 400 lines (about 570): ``SETTINGS`` is the table of
 every setting with its description, which the README's table is generated
 from; the checks that span two settings sit right below it.
 """

@@ -80,7 +80,9 @@ def _links(alert: Mapping[str, Any], links: Links) -> str:
     return " | ".join(found)
 
 
-def _sections(payloads: Sequence[Payload], zone: ZoneInfo, links: Links) -> list[_Section]:
+def _sections(payloads: Sequence[Payload], zone: ZoneInfo, links: Links, newline: str = "\n") -> list[_Section]:
+    """A heading per group and a section per alert; ``newline`` between an alert's lines (DingTalk's
+    markdown joins single-newline lines into one paragraph, so it gets blank lines)."""
     sections: list[_Section] = []
     for payload in payloads:
         head = f"### {title(payload)}"
@@ -107,7 +109,7 @@ def _sections(payloads: Sequence[Payload], zone: ZoneInfo, links: Links) -> list
             short = f"**{status}** {name} · {labels.get('severity', 'none')} · {labels.get('queue', '-')} · {started}"
             if notes.get("runbook_url"):
                 short += f" · [Runbook]({notes['runbook_url']})"
-            sections.append(_Section("\n".join(lines), short))
+            sections.append(_Section(newline.join(lines), short))
     return sections
 
 
@@ -172,7 +174,7 @@ def wecom(payloads: Sequence[Payload], zone: ZoneInfo, links: Links = Links()) -
 def dingtalk(payloads: Sequence[Payload], zone: ZoneInfo, links: Links = Links()) -> list[dict[str, Any]]:
     """DingTalk custom-robot markdown messages (the title is what the notification preview shows)."""
     head = _cut(_overall_title(payloads), 200)
-    texts = fit(_sections(payloads, zone, links), DINGTALK_LIMIT_BYTES, "DingTalk")
+    texts = fit(_sections(payloads, zone, links, newline="\n\n"), DINGTALK_LIMIT_BYTES, "DingTalk")
     return [{"msgtype": "markdown", "markdown": {"title": head, "text": text}} for text in texts]
 
 

@@ -25,8 +25,7 @@ def alert_relay(host: str | None, port: int | None) -> None:
 
     def listening(address: str, config: RelayConfig) -> None:
         bots = ", ".join(f"{b.name} ({b.kind})" for b in config.bots) or "none"
-        click.echo(f"alert relay on {address}/alertmanager; bots: {bots}")
-        for name in config.skipped:
-            click.echo(f"warning: bot {name} skipped: its secret file is empty", err=True)
+        skipped = f"; skipped (no secret): {', '.join(config.skipped)}" if config.skipped else ""
+        click.echo(f"alert relay on {address}/alertmanager; bots: {bots}{skipped}")
 
     serve(load(), host=host, port=port, on_listening=listening)

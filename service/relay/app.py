@@ -70,7 +70,8 @@ def create_app(config: RelayConfig, options: RelayOptions) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=options.timeout, follow_redirects=False, trust_env=False) as client:
+        # trust_env: HTTPS_PROXY and NO_PROXY of the environment apply (the platforms are outside; proxies are common).
+        async with httpx.AsyncClient(timeout=options.timeout, follow_redirects=False, trust_env=True) as client:
             for bot in config.bots:
                 senders[bot.name] = BotSender(bot, client, options.zone, options.links, metrics)
                 senders[bot.name].start()

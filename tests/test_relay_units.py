@@ -199,3 +199,46 @@ def test_the_token_file_must_hold_a_token(tmp_path: Path) -> None:
         relay_config.read_token(tmp_path / "t")
     with pytest.raises(relay_config.RelayConfigError, match="cannot be read"):
         relay_config.read_token(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- rate limit and batching
+
+
+def test_a_storm_is_batched_within_the_rate_limit() -> None:
+    """25 notifications, 10 ms apart, for a DingTalk robot allowed 2 posts per 1.5 s window (its real limit
+    is 20 a minute): a few messages hold all 25, each signed and accepted, never more than 2 per window."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from service.relay.config import Bot
+    from service.relay.delivery import BotSender, Metrics
+    from tests.chatbots import FakeBot
+
+    fake = FakeBot("dingtalk", "tok", "SECtest")
+    try:
+        bot = Bot("storm", "dingtalk", "f", fake.url, fake.secret)
+
+        async def storm() -> list[bool]:
+            async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+                sender = BotSender(bot, client, SHANGHAI, render.Links(), Metrics())
+                sender.per_minute, sender.window_s = 2, 1.5
+                sender.start()
+                deadline = time.monotonic() + 10
+                futures = []
+                for i in range(25):
+                    futures.append(sender.submit(_group(_alert(f"Storm{i:02d}")), deadline))
+                    await asyncio.sleep(0.01)
+                results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+                await sender.stop()
+                return list(results)
+
+        assert asyncio.run(storm()) == [True] * 25
+        assert len(fake.received) <= 4 and not fake.refused, len(fake.received)
+        times = [m.at for m in fake.received]
+        assert all(later - earlier >= 1.4 for earlier, later in zip(times, times[2:], strict=False)), times
+        text = "\n".join(m.text for m in fake.received)
+        assert all(f"**FIRING** Storm{i:02d}" in text for i in range(25))
+    finally:
+        fake.close()

@@ -117,6 +117,9 @@ class _Pending:
 class BotSender:
     """The queue, rate limit, batching and retries of one bot."""
 
+    #: The rate limit's window, in seconds (the platforms count per minute).
+    window_s = 60.0
+
     def __init__(self, bot: Bot, client: httpx.AsyncClient, zone: ZoneInfo, links: render.Links,
                  metrics: Metrics) -> None:
         self.bot = bot
@@ -164,11 +167,11 @@ class BotSender:
         """Wait until the rate limit allows one more post."""
         while True:
             now = time.monotonic()
-            while self._sent and now - self._sent[0] >= 60:
+            while self._sent and now - self._sent[0] >= self.window_s:
                 self._sent.popleft()
             waits = []
             if len(self._sent) >= self.per_minute:
-                waits.append(60 - (now - self._sent[0]))
+                waits.append(self.window_s - (now - self._sent[0]))
             if self._sent and self.spacing:
                 waits.append(self.spacing - (now - self._sent[-1]))
             wait = max([0.0, *waits])

@@ -182,7 +182,10 @@ def feishu(payloads: Sequence[Payload], zone: ZoneInfo, links: Links = Links()) 
     """Feishu/Lark interactive cards: a red (firing) or green (resolved) header and a markdown body."""
     head = _cut(_overall_title(payloads), 300)
     firing = any(p.get("status") == "firing" for p in payloads)
-    texts = fit(_sections(payloads, zone, links), FEISHU_LIMIT_BYTES, "Feishu")
+    sections = _sections(payloads, zone, links)
+    if len(payloads) == 1:
+        sections = sections[1:]  # the card's header is the group's title already
+    texts = fit(sections, FEISHU_LIMIT_BYTES, "Feishu")
     return [{
         "msg_type": "interactive",
         "card": {

@@ -23,7 +23,8 @@ from pathlib import Path
 #: What the workers, beat and the web app import.
 RUNTIME = ("service.app", "service.client", "service.publishing", "service.worker")
 #: What only operators' commands use: never reached from RUNTIME.
-OPERATOR_ONLY = ("service.broker", "service.cli", "service.stack", "service.deadletters", "service.console")
+OPERATOR_ONLY = ("service.broker", "service.cli", "service.stack", "service.deadletters", "service.console",
+                 "service.relay")
 
 
 def modules(root: Path) -> dict[str, Path]:

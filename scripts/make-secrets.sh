@@ -9,9 +9,14 @@
 #   grafana_admin_password                               random, Grafana's admin
 #   flower_basic_auth                                    kit:<random>, Flower's login (user:password,
 #                                                         `python -m service flower`)
+#   alertmanager_webhook_token                           random, the bearer token Alertmanager sends
+#                                                         to the chat-bot relay (both read this file)
 #   alertmanager_{slack_api_url,smtp_password,           EMPTY: the receivers' secrets are
-#     pagerduty_routing_key,webhook_token}                site values you fill in
+#     pagerduty_routing_key}                              site values you fill in
 #                                                         (deploy/alertmanager/README.md)
+#   relay_{wecom_ops,dingtalk_oncall,feishu_team}        EMPTY: the chat bots' URLs and signing
+#                                                         secrets (deploy/alertmanager/relay.yml names
+#                                                         them); the relay skips a bot whose file is empty
 #
 # Usage: scripts/make-secrets.sh [DIR]      (default: ./secrets, which git ignores)
 #
@@ -42,7 +47,7 @@ random_value() {
 created=()
 for name in rabbitmq_admin_password rabbitmq_publisher_password rabbitmq_worker_password \
             rabbitmq_monitor_password rabbitmq_console_password rabbitmq_erlang_cookie \
-            grafana_admin_password; do
+            grafana_admin_password alertmanager_webhook_token; do
     file="$dir/$name"
     if [ ! -s "$file" ]; then
         (umask 077; random_value > "$file")
@@ -58,7 +63,7 @@ if [ ! -s "$file" ]; then
 fi
 chmod 0644 "$file"
 for name in alertmanager_slack_api_url alertmanager_smtp_password alertmanager_pagerduty_routing_key \
-            alertmanager_webhook_token; do
+            relay_wecom_ops relay_dingtalk_oncall relay_feishu_team; do
     file="$dir/$name"
     if [ ! -e "$file" ]; then
         : > "$file"

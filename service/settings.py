@@ -8,7 +8,7 @@ below (``python -m service config --markdown``), so the names, defaults,
 accepted ranges and descriptions live in exactly one place. The kinds of value
 and how each is checked are ``service.setting_rules`` (re-exported here).
 
-Why this module is over 400 lines (about 530): ``SETTINGS`` is the table of
+Why this module is over 400 lines (about 570): ``SETTINGS`` is the table of
 every setting with its description, which the README's table is generated
 from; the checks that span two settings sit right below it.
 """
@@ -297,6 +297,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KIT_FLOWER_AUTH_FILE", "",
             "File holding `user:password` for Flower's basic auth (`python -m service flower`); Flower "
             "refuses to start without it.", TEXT),
+    Setting("KIT_ALERT_RELAY_HOST", "127.0.0.1", "Address `python -m service alert-relay` (the chat-bot relay "
+            "Alertmanager's webhook posts to) listens on.", HOST),
+    _count("KIT_ALERT_RELAY_PORT", "8060", "Port of `python -m service alert-relay` (POST /alertmanager, "
+           "/healthz, /metrics).", 1, 65535),
+    Setting("KIT_ALERT_RELAY_CONFIG", "deploy/alertmanager/relay.yml",
+            "The relay's bots and their routing by severity and queue (no secret in it: each bot names its "
+            "secret file).", NAME),
+    Setting("KIT_ALERT_RELAY_SECRETS_DIR", "/run/secrets",
+            "Directory of the bots' secret files named in KIT_ALERT_RELAY_CONFIG (a bot whose file is empty "
+            "is skipped, with a warning).", NAME),
+    Setting("KIT_ALERT_RELAY_TOKEN_FILE", "/run/secrets/alertmanager_webhook_token",
+            "File holding the bearer token Alertmanager sends (the alertmanager_webhook_token secret); the "
+            "relay refuses to start while it is empty.", NAME),
+    Setting("KIT_ALERT_TIMEZONE", "UTC", "Time zone of the start times in chat-bot messages (e.g. "
+            "`Asia/Shanghai`).", TIMEZONE),
+    Setting("KIT_ALERT_GRAFANA_URL", "",
+            "Grafana dashboard the relay's messages link to (e.g. "
+            "`https://grafana.example.com/d/kit-celery-overview`); empty: no Grafana link.", OPTIONAL_HTTP_URL),
+    _seconds("KIT_ALERT_RELAY_TIMEOUT", "5", "Seconds the relay waits for one answer of a bot.", 0.1, 60),
+    _seconds("KIT_ALERT_RELAY_DEADLINE", "30",
+             "Seconds the relay keeps retrying a bot (with backoff) for one notification before it answers "
+             "Alertmanager 503 so that Alertmanager retries; keep it below Alertmanager's own window "
+             "(group_interval, at least 10 s).", 1, 600),
     Setting(
         "KIT_RESULT_BACKEND",
         "",
@@ -448,6 +471,15 @@ class Settings:
     console_refresh: float
     console_archive_dir: Path
     flower_auth_file: str
+    alert_relay_host: str
+    alert_relay_port: int
+    alert_relay_config: str
+    alert_relay_secrets_dir: str
+    alert_relay_token_file: str
+    alert_timezone: str
+    alert_grafana_url: str
+    alert_relay_timeout: float
+    alert_relay_deadline: float
     result_backend: str
     result_expires: int
     sentry_dsn: str
@@ -516,6 +548,15 @@ def load() -> Settings:
         console_refresh=v["KIT_CONSOLE_REFRESH"],
         console_archive_dir=v["KIT_CONSOLE_ARCHIVE_DIR"],
         flower_auth_file=v["KIT_FLOWER_AUTH_FILE"],
+        alert_relay_host=v["KIT_ALERT_RELAY_HOST"],
+        alert_relay_port=v["KIT_ALERT_RELAY_PORT"],
+        alert_relay_config=v["KIT_ALERT_RELAY_CONFIG"],
+        alert_relay_secrets_dir=v["KIT_ALERT_RELAY_SECRETS_DIR"],
+        alert_relay_token_file=v["KIT_ALERT_RELAY_TOKEN_FILE"],
+        alert_timezone=v["KIT_ALERT_TIMEZONE"],
+        alert_grafana_url=v["KIT_ALERT_GRAFANA_URL"],
+        alert_relay_timeout=v["KIT_ALERT_RELAY_TIMEOUT"],
+        alert_relay_deadline=v["KIT_ALERT_RELAY_DEADLINE"],
         result_backend=v["KIT_RESULT_BACKEND"],
         result_expires=v["KIT_RESULT_EXPIRES"],
         sentry_dsn=v["SENTRY_DSN"],

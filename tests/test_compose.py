@@ -37,7 +37,7 @@ CLUSTER_NODES = {"rabbitmq": "rabbitmq-1", "rabbitmq-2": "rabbitmq-2", "rabbitmq
 HARD_TIME_LIMIT_DEFAULT = float(next(s.default for s in SETTINGS if s.name == "KIT_HARD_TIME_LIMIT"))
 #: Services that run until stopped (everything but the one-shot broker-definitions).
 LONG_RUNNING = ("rabbitmq", "redis", "worker-urgent", "worker-default-bulk", "beat", "web", "console",
-                "celery-exporter", "prometheus", "alertmanager", "grafana", "flower", "demo")
+                "alert-relay", "celery-exporter", "prometheus", "alertmanager", "grafana", "flower", "demo")
 #: Long-running services without a health check, and why.
 NO_HEALTHCHECK = {
     "beat": "no endpoint; its schedule file is written only when it sends a task",
@@ -818,3 +818,29 @@ def test_exporter_launcher_start_up_check_takes_the_first_node_that_answers(
     url = ";".join(f"pyamqp://kit-monitor:pw@rabbitmq-{n}:5672/kit" for n in (1, 2, 3))
     module.check_broker(url, [], {"KIT_CONNECT_TIMEOUT": "5"})
     assert tried == ["rabbitmq-1:5672", "rabbitmq-2:5672"]
+
+
+def test_the_alert_relay_is_where_alertmanager_posts_with_its_secrets(config: dict[str, Any], tmp_path: Path) -> None:
+    relay = services(config)["alert-relay"]
+    assert command(relay) == ["python", "-m", "service", "alert-relay", "--host", "0.0.0.0", "--port", "8060"]
+    bots = {s["source"] for s in relay["secrets"]} - {"alertmanager_webhook_token"}
+    assert bots == {"relay_wecom_ops", "relay_dingtalk_oncall", "relay_feishu_team"}
+    assert "alertmanager_webhook_token" in {s["source"] for s in relay["secrets"]}
+    committed = (REPO / "deploy/alertmanager/alertmanager.yml").read_text()
+    assert "url: 'http://alert-relay:8060/alertmanager'" in committed, "Alertmanager posts to this service"
+    assert relay["expose"] == ["8060"] and "ports" not in relay, "the compose network only"
+    # The bots' files are made empty (the relay skips them), the token random (both ends read it).
+    target = tmp_path / "secrets"
+    assert_ok(run("bash", REPO / "scripts/make-secrets.sh", target))
+    assert all((target / name).read_text() == "" for name in bots)
+    assert len((target / "alertmanager_webhook_token").read_text().strip()) >= 32
+    # The local stack: its Alertmanager posts to its own relay, moved with the port offset.
+    moved = local.Stack(tmp_path / "state", local.Options(port_offset=1000))
+    from service.stack.files import prepare_files
+
+    prepare_files(moved)
+    rendered = Path(flag(list(moved.component("alertmanager").argv), "--config.file")).read_text()
+    assert "url: 'http://127.0.0.1:9060/alertmanager'" in rendered
+    component = moved.component("alert-relay")
+    assert component.env["KIT_ALERT_RELAY_TOKEN_FILE"] == str(moved.secrets_dir / "alertmanager_webhook_token")
+    assert component.probe is not None and component.probe.url == "http://127.0.0.1:9060/healthz"

@@ -49,7 +49,7 @@ from tests.observability import http_json
 #: `stack up` against the local broker.
 pytestmark = pytest.mark.broker
 
-JOBS = ("rabbitmq", "celery-exporter", "kit-workers", "kit-web", "kit-console")
+JOBS = ("rabbitmq", "celery-exporter", "kit-workers", "kit-web", "kit-console", "kit-alert-relay")
 
 
 def _free(port: int) -> bool:

@@ -4,7 +4,8 @@ What lives here: ``main`` (the top-level group, which checks the settings
 before a command runs), ``base`` (one-line errors, exit codes, JSON
 parameters, the broker connection) and one module per group: ``config``,
 ``topology``, ``publish``, ``worker`` (worker and beat), ``demo``, ``stack``,
-``broker``, ``dlq``, ``task``, ``web`` and ``flower``. Commands parse and print; the library acts. A new group
+``broker``, ``dlq``, ``task``, ``web``, ``flower`` and ``relay`` (``alert-relay``).
+Commands parse and print; the library acts. A new group
 is a module here with one ``main.add_command`` line below.
 
 May import anything of the kit; nothing of the kit imports it (only
@@ -15,7 +16,21 @@ from __future__ import annotations
 
 import click
 
-from service.cli import broker, config, console, demo, dlq, flower, publish, stack, task, topology, web, worker
+from service.cli import (
+    broker,
+    config,
+    console,
+    demo,
+    dlq,
+    flower,
+    publish,
+    relay,
+    stack,
+    task,
+    topology,
+    web,
+    worker,
+)
 from service.cli.base import friendly_errors
 from service.cli.config import markdown_table
 from service.settings import load
@@ -81,5 +96,6 @@ main.add_command(task.task)
 main.add_command(web.web)
 main.add_command(console.console)
 main.add_command(flower.flower)
+main.add_command(relay.alert_relay)
 
 __all__ = ["main", "markdown_table", "needs_settings"]

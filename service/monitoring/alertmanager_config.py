@@ -12,10 +12,18 @@ included, is byte for byte the committed text):
 - ``pagerduty_url``: PagerDuty's Events API v2 endpoint (global section).
 - ``webhook_url``: the chat-bot relay the generic webhook posts to.
 - ``group_wait``, ``group_interval``: every occurrence, so tests run in seconds.
+- ``wecom_app`` (:class:`WecomApp`): adds WeCom APPLICATION messages (Alertmanager's
+  native ``wechat_configs``, for teams with a WeCom app instead of a group bot):
+  a ``wecom-app`` receiver and a route sending it everything but ``info``.
+  Alertmanager 0.25 has no ``api_secret_file`` (it rejects the field), so the
+  app's secret is read from its file here and written INTO the output, which is
+  then created 0600: treat the rendered file as a secret. The committed file
+  never holds it.
 
 Relative template globs are made absolute against the committed file's folder,
 so the copy works from any directory. No secret value ever passes through here:
-the output names secret files, never their contents.
+the output names secret files, never their contents (except the WeCom app
+secret, above, when asked for).
 
 From a shell::
 
@@ -26,9 +34,11 @@ From a shell::
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 #: The committed production configuration.
@@ -50,6 +60,66 @@ _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 
 # `key: value` on a non-comment line, optionally as a list item ("- url: ...").
 _KEY_LINE = r"^(?P<lead>[ \t]*(?:-[ \t]+)?{key}:[ \t]*)(?P<value>[^#\n]*?)(?P<trail>[ \t]*(?:#.*)?)$"
+
+
+#: WeCom's API base, Alertmanager's default wechat api_url (it must end with a slash).
+WECOM_API_URL = "https://qyapi.weixin.qq.com/cgi-bin/"
+
+# Where the wecom-app route goes: right after the chat-bot relay's catch-all route.
+_ROUTE_ANCHOR = "    - receiver: chatbot-webhook\n      continue: true\n"
+
+
+@dataclass(frozen=True)
+class WecomApp:
+    """A WeCom (企业微信) application that Alertmanager's wechat_configs sends to.
+
+    ``corp_id`` (企业ID, "My company" page), ``agent_id`` (the app's AgentId),
+    ``secret_file`` (a file holding the app's Secret), and whom it tells:
+    ``to_party`` (department ids, ``1|2``) and/or ``to_user`` (``@all`` or
+    ``zhangsan|lisi``). ``api_url`` is WeCom's API base (a test server in tests).
+    """
+
+    corp_id: str
+    agent_id: str
+    secret_file: str
+    to_party: str = ""
+    to_user: str = ""
+    api_url: str = WECOM_API_URL
+
+
+def _wecom_app(text: str, app: WecomApp) -> str:
+    """``text`` with the wecom-app route and receiver added (the secret read from its file)."""
+    if not app.corp_id or not app.agent_id.isdigit() or not (app.to_party or app.to_user):
+        raise ValueError("wecom_app needs corp_id, a numeric agent_id, and to_party or to_user")
+    if not app.api_url.endswith("/"):
+        raise ValueError(f"wecom_app api_url {app.api_url!r} must end with '/' (Alertmanager appends gettoken)")
+    try:
+        secret = Path(app.secret_file).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"wecom_app secret file {app.secret_file} cannot be read ({exc.strerror})") from None
+    if not secret:
+        raise ValueError(f"wecom_app secret file {app.secret_file} is empty: write the app's Secret into it")
+    if text.count(_ROUTE_ANCHOR) != 1:
+        raise ValueError("expected one chatbot-webhook catch-all route to put the wecom-app route after")
+    route = ("    # WeCom application messages (alertmanager_config --wecom-app-*): everything but info.\n"
+             "    - receiver: wecom-app\n      matchers: ['severity!=\"info\"']\n      continue: true\n")
+    receiver = "\n".join([
+        "",
+        "  # WeCom application messages. The secret is inline: Alertmanager 0.25 has no api_secret_file.",
+        "  - name: wecom-app",
+        "    wechat_configs:",
+        "      - send_resolved: true",
+        f"        api_url: {_quote(app.api_url)}",
+        f"        api_secret: {_quote(secret)}",
+        f"        corp_id: {_quote(app.corp_id)}",
+        f"        agent_id: {_quote(app.agent_id)}",
+        f"        to_party: {_quote(app.to_party)}",
+        f"        to_user: {_quote(app.to_user)}",
+        "        message_type: markdown",
+        "        message: '{{ template \"kit.wechat.message\" . }}'",
+        "",
+    ])
+    return text.replace(_ROUTE_ANCHOR, _ROUTE_ANCHOR + route).rstrip("\n") + "\n" + receiver
 
 
 def _quote(value: str) -> str:
@@ -117,6 +187,7 @@ def render(
     webhook_url: str | None = None,
     group_wait: str | None = None,
     group_interval: str | None = None,
+    wecom_app: WecomApp | None = None,
 ) -> str:
     """The text of ``source`` with the given values replaced (None: keep the committed value)."""
     source = Path(source).resolve()
@@ -136,14 +207,27 @@ def render(
             if not _DURATION.match(duration):
                 raise ValueError(f"{key}: {duration!r} is not a duration like 1s or 5m")
             text = _replace_key(text, key, duration, expected=None)
+    if wecom_app is not None:
+        text = _wecom_app(text, wecom_app)
     return _absolute_templates(text, source.parent)
 
 
 def write(path: str | Path, source: Path = PRODUCTION_CONFIG, **overrides: object) -> Path:
-    """Render (see :func:`render`) into ``path`` and return it."""
+    """Render (see :func:`render`) into ``path`` and return it (0600 when it holds the WeCom app secret)."""
     path = Path(path)
-    path.write_text(render(source, **overrides))  # type: ignore[arg-type]
+    text = render(source, **overrides)  # type: ignore[arg-type]
+    _write(path, text, secret=overrides.get("wecom_app") is not None)
     return path
+
+
+def _write(path: Path, text: str, secret: bool) -> None:
+    if not secret:
+        path.write_text(text)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,8 +243,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--webhook-url", help="URL of the chat-bot relay")
     parser.add_argument("--group-wait", help="e.g. 30s")
     parser.add_argument("--group-interval", help="e.g. 5m")
+    parser.add_argument("--wecom-app-corp-id", help="WeCom application messages: the corp id (企业ID)")
+    parser.add_argument("--wecom-app-agent-id", help="... the app's AgentId")
+    parser.add_argument("--wecom-app-secret-file", help="... a file holding the app's Secret (written inline!)")
+    parser.add_argument("--wecom-app-to-party", default="", help="... department ids, e.g. 1|2")
+    parser.add_argument("--wecom-app-to-user", default="", help="... @all or user ids, e.g. zhangsan|lisi")
+    parser.add_argument("--wecom-app-api-url", default=WECOM_API_URL, help="... WeCom's API base")
     parser.add_argument("-o", "--output", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
+    app = None
+    if args.wecom_app_corp_id or args.wecom_app_secret_file:
+        app = WecomApp(args.wecom_app_corp_id or "", args.wecom_app_agent_id or "", args.wecom_app_secret_file or "",
+                       args.wecom_app_to_party, args.wecom_app_to_user, args.wecom_app_api_url)
     text = render(
         args.source,
         secrets_dir=args.secrets_dir,
@@ -170,9 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         webhook_url=args.webhook_url,
         group_wait=args.group_wait,
         group_interval=args.group_interval,
+        wecom_app=app,
     )
     if args.output:
-        Path(args.output).write_text(text)
+        _write(Path(args.output), text, secret=app is not None)
     else:
         sys.stdout.write(text)
     return 0

@@ -105,6 +105,8 @@ def _write_alertmanager_config(stack: Stack, name: str, values: dict[str, Any]) 
     out = stack.work_dir / name / "alertmanager.yml"
     out.parent.mkdir(parents=True, exist_ok=True)
     values.setdefault("secrets_dir", stack.secrets_dir)
+    # Compose host names in the values (the relay's http://alert-relay:8060/...) become this machine's.
+    values = {k: stack.map_text(name, v) if isinstance(v, str) else v for k, v in values.items()}
     out.write_text(alertmanager_config.render(Path(stack.map_path(name, config)), **values))
 
 

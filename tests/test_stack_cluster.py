@@ -78,13 +78,23 @@ def test_stack_up_cluster_3_runs_the_kit_on_three_nodes_and_down_stops_them(tmp_
         # Every queue is a quorum queue on the three nodes, and the workers consume the high lanes too.
         api = f"http://127.0.0.1:{cluster.nodes[0].management_port}/api/queues/{urllib.request.quote(vhost, safe='')}"
         request = urllib.request.Request(api, headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})  # guest:guest
-        with urllib.request.urlopen(request, timeout=30) as response:
-            found = {q["name"]: q for q in json.load(response)}
+        found: dict[str, dict] = {}
+
+        def lanes_consumed() -> bool:
+            # The management API's consumer counts lag the workers' consume by a statistics interval (5 s).
+            with urllib.request.urlopen(request, timeout=30) as response:
+                found.clear()
+                found.update({q["name"]: q for q in json.load(response)})
+            return all(found.get(lane.name, {}).get("consumers", 0) >= 1 for lane in queues.topology("quorum").lanes)
+
+        try:
+            wait_until(lanes_consumed, 60, "the workers to consume every high lane", interval=1)
+        except AssertionError as exc:
+            counts = {lane.name: found.get(lane.name, {}).get("consumers") for lane in queues.topology("quorum").lanes}
+            raise AssertionError(f"{exc}: consumers per lane {counts}") from None
         for queue in queues.topology("quorum").all_queues:
             assert found[queue.name]["type"] == "quorum", queue.name
             assert len(found[queue.name]["members"]) == 3, queue.name
-        for lane in queues.topology("quorum").lanes:
-            assert found[lane.name]["consumers"] >= 1, lane.name
         # Prometheus scrapes every node.
         prometheus = f"http://127.0.0.1:{9090 + offset}/api/v1/targets"
 
